@@ -1,0 +1,1 @@
+"""Storage backends: byte-addressed images. Know no SCSI."""
