@@ -1,0 +1,749 @@
+"""The TOML configuration: parsed with stdlib ``tomllib``, validated into frozen
+dataclasses.  Every error names the file, the line and the key::
+
+    config.toml:12: target[0].lun[1].size: "15GB" is not a size; use e.g. 15GiB
+
+All problems found are reported at once (one per line); unknown keys are errors
+too, with a "did you mean" hint.  Relative paths (``state_dir``, LUN ``path``)
+are relative to the directory holding the config file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "IscsiConfig",
+    "LunConfig",
+    "ServerConfig",
+    "TargetConfig",
+    "DEFAULT_PORT",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+    "format_size",
+    "validate_iscsi_name",
+]
+
+DEFAULT_PORT = 3260
+MAX_LUN_ID = 16383  # flat/peripheral addressing limit (SAM-5 §4.7)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``str()`` is ready to print (file:line: key: problem)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors if errors is not None else [message]
+
+
+# ---------------------------------------------------------------------------
+# Dataclasses
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", DEFAULT_PORT),)
+    state_dir: Path = Path("state")
+    nop_interval: float = 10.0  # seconds; 0 disables target NOP-In pings
+    nop_timeout: float = 30.0
+    login_timeout: float = 15.0
+    max_sessions: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class IscsiConfig:
+    """What the target offers during login (RFC 7143 §13); sizes in bytes."""
+
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 1048576
+    first_burst_length: int = 262144
+    immediate_data: bool = True
+    initial_r2t: bool = False
+    max_outstanding_r2t: int = 1
+    header_digest: tuple[str, ...] = ("None", "CRC32C")  # preference order
+    data_digest: tuple[str, ...] = ("None", "CRC32C")
+    default_time2wait: int = 2
+    default_time2retain: int = 20
+    max_connections: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LunConfig:
+    id: int
+    path: Path  # absolute
+    size: int | None = None  # bytes; None = take the existing image's size
+    block_size: int = 512
+    preallocate: bool = False
+    read_only: bool = False
+    serial: str | None = None
+    rotation_rate: int = 0  # 0 not reported, 1 non-rotating (SSD), else rpm
+
+    @property
+    def is_block_device(self) -> bool:
+        return str(self.path).startswith("/dev/")
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    iqn: str
+    alias: str | None = None
+    luns: tuple[LunConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    iscsi: IscsiConfig
+    targets: tuple[TargetConfig, ...]
+    source: Path  # absolute path of the file this came from
+
+    def target(self, iqn: str) -> TargetConfig | None:
+        for t in self.targets:
+            if t.iqn == iqn:
+                return t
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Value parsers (usable on their own)
+# ---------------------------------------------------------------------------
+
+_BINARY_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
+_DECIMAL_UNITS = {"k", "kb", "m", "mb", "g", "gb", "t", "tb", "p", "pb"}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: str | int) -> int:
+    """``"512MiB"``/``"1GiB"``/``"4KiB"``/``"1TiB"``/``"4096"``/4096 -> bytes.
+
+    Decimal and ambiguous units (``GB``, ``G``) are refused with a hint: an
+    admin who writes 15GB may mean 15*10^9 or 15*2^30, and a disk size that is
+    off by 7% is a bad surprise.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size; use e.g. 1GiB or a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is not a size: negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a size; use e.g. 1GiB or a number of bytes")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f'"{value}" is not a size; use e.g. 1GiB, 512MiB or a number of bytes')
+    num, unit = m.group(1), m.group(2).lower()
+    if unit in _DECIMAL_UNITS:
+        hint = f"{num}{unit[0].upper() if unit[0] != 'k' else 'K'}iB"
+        raise ValueError(f'"{value}" is not a size; use e.g. {hint}')
+    if unit not in _BINARY_UNITS:
+        raise ValueError(f'"{value}" is not a size: unknown unit "{m.group(2)}"; use B, KiB, MiB, GiB or TiB')
+    mult = _BINARY_UNITS[unit]
+    if "." in num:
+        whole, frac = num.split(".")
+        n = int(whole) * mult + int(frac) * mult // 10 ** len(frac)
+        if int(frac) * mult % 10 ** len(frac):
+            raise ValueError(f'"{value}" is not a whole number of bytes')
+        return n
+    return int(num) * mult
+
+
+def format_size(n: int) -> str:
+    """Bytes -> the largest exact binary unit (``1073741824`` -> ``1GiB``)."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B"
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """``"10s"``/``"500ms"``/``"2m"``/``"1h"`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration; use e.g. 10s, 500ms, 2m")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"{value} is not a duration: must be >= 0 seconds")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; use e.g. 10s, 500ms, 2m")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f'"{value}" is not a duration; use e.g. 10s, 500ms, 2m or a number of seconds')
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+_IQN_RE = re.compile(r"^iqn\.(\d{4})-(\d{2})\.([a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*)(?::(.+))?$")
+_IQN_TAIL_RE = re.compile(r"^[a-z0-9\-.:]+$")
+_EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
+_NAA_RE = re.compile(r"^naa\.(?:[0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})$")
+
+
+def validate_iscsi_name(name: str) -> None:
+    """Check an iSCSI name (RFC 3720 §3.2.6, RFC 3980); raise ValueError."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("an iSCSI name must be a non-empty string, e.g. iqn.2026-11.org.example:disk1")
+    if len(name.encode()) > 223:
+        raise ValueError(f'"{name}" is longer than 223 bytes (RFC 3720 §3.2.6)')
+    low = name.lower()
+    if low.startswith("iqn."):
+        if name != low:
+            raise ValueError(f'"{name}" must be lower case: {low}')
+        m = _IQN_RE.match(name)
+        if not m:
+            raise ValueError(
+                f'"{name}" is not a valid iqn name; the form is iqn.YYYY-MM.reversed.domain[:unique-name], '
+                "e.g. iqn.2026-11.org.example:quorum"
+            )
+        month = int(m.group(2))
+        if not 1 <= month <= 12:
+            raise ValueError(f'"{name}": month {m.group(2)} in the date is not 01..12')
+        if m.group(4) is not None and not _IQN_TAIL_RE.match(m.group(4)):
+            raise ValueError(f'"{name}": after ":" use only a-z, 0-9, "-", "." and ":"')
+        return
+    if low.startswith("eui."):
+        if not name.startswith("eui.") or not _EUI_RE.match(name):
+            raise ValueError(f'"{name}" is not a valid eui name: eui. followed by 16 hex digits')
+        return
+    if low.startswith("naa."):
+        if not name.startswith("naa.") or not _NAA_RE.match(name):
+            raise ValueError(f'"{name}" is not a valid naa name: naa. followed by 16 or 32 hex digits')
+        return
+    raise ValueError(f'"{name}" is not an iSCSI name: it must start with iqn., eui. or naa.')
+
+
+def parse_portal(value: str) -> tuple[str, int]:
+    """``"0.0.0.0:3260"``, ``"[::]:3260"``, ``"host"`` -> (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f'{value!r} is not a portal; use "host:port", e.g. "0.0.0.0:3260" or "[::]:3260"')
+    v = value.strip()
+    port = DEFAULT_PORT
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            raise ValueError(f'"{value}": missing "]" after the IPv6 address')
+        host, rest = v[1:end], v[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise ValueError(f'"{value}": "{host}" is not an IPv6 address') from None
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f'"{value}": expected ":port" after "]"')
+            port = _port(value, rest[1:])
+        return host, port
+    if v.count(":") > 1:
+        raise ValueError(f'"{value}": write IPv6 addresses in brackets, e.g. "[::]:3260"')
+    if ":" in v:
+        host, p = v.split(":")
+        port = _port(value, p)
+    else:
+        host = v
+    if not host:
+        raise ValueError(f'"{value}": missing host; use 0.0.0.0 for every IPv4 address')
+    if re.fullmatch(r"[\d.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f'"{value}": "{host}" is not an IPv4 address') from None
+    elif not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+        raise ValueError(f'"{value}": "{host}" is not a host name or address')
+    return host, port
+
+
+def _port(value: str, p: str) -> int:
+    if not p.isdigit() or not 1 <= int(p) <= 65535:
+        raise ValueError(f'"{value}": port "{p}" is not a number 1..65535')
+    return int(p)
+
+
+# ---------------------------------------------------------------------------
+# Locating keys in the TOML text (tomllib keeps no positions)
+# ---------------------------------------------------------------------------
+
+_BARE_KEY = r"[A-Za-z0-9_-]+"
+_KEY_PART = rf'(?:{_BARE_KEY}|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_DOTTED = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_AOT_RE = re.compile(rf"^\s*\[\[\s*({_DOTTED})\s*\]\]")
+_TABLE_RE = re.compile(rf"^\s*\[\s*({_DOTTED})\s*\]")
+_KEYLINE_RE = re.compile(rf"^\s*({_DOTTED})\s*=")
+_PART_RE = re.compile(_KEY_PART)
+
+
+def _split_dotted(s: str) -> list[str]:
+    out = []
+    for part in _PART_RE.findall(s):
+        if part[:1] in "\"'":
+            part = part[1:-1]
+        out.append(part)
+    return out
+
+
+class KeyLocator:
+    """Map key paths like ``target[0].lun[1].size`` to 1-based line numbers.
+
+    Scans the text for ``[table]``, ``[[array.of.tables]]`` headers (counting
+    occurrences per parent instance, as TOML does) and ``key =`` lines;
+    multi-line strings are skipped.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[str, int] = {}
+        aot_count: dict[str, int] = {}
+        table = ""
+        in_ml: str | None = None  # inside a multi-line string: its delimiter
+
+        def resolve(parts: list[str]) -> str:
+            cur = ""
+            for name in parts:
+                p = f"{cur}.{name}" if cur else name
+                if p in aot_count:
+                    p = f"{p}[{aot_count[p] - 1}]"
+                cur = p
+            return cur
+
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if in_ml:
+                if line.count(in_ml) % 2 == 1:
+                    in_ml = None
+                continue
+            if m := _AOT_RE.match(line):
+                parts = _split_dotted(m.group(1))
+                parent = resolve(parts[:-1])
+                full = f"{parent}.{parts[-1]}" if parent else parts[-1]
+                aot_count[full] = aot_count.get(full, 0) + 1
+                table = f"{full}[{aot_count[full] - 1}]"
+                self.lines.setdefault(table, lineno)
+                self.lines.setdefault(full, lineno)
+            elif m := _TABLE_RE.match(line):
+                table = resolve(_split_dotted(m.group(1)))
+                self.lines.setdefault(table, lineno)
+            elif m := _KEYLINE_RE.match(line):
+                parts = _split_dotted(m.group(1))
+                path = table
+                for name in parts:
+                    path = f"{path}.{name}" if path else name
+                    self.lines.setdefault(path, lineno)
+                rest = line[m.end() :]
+                for delim in ('"""', "'''"):
+                    if rest.count(delim) % 2 == 1:
+                        in_ml = delim
+                        break
+
+    def line_of(self, path: str) -> int | None:
+        """Line of ``path`` or of its nearest enclosing key/table found."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            # drop the last component: ".name" or "[i]"
+            cut = max(path.rfind("."), path.rfind("["))
+            if cut <= 0:
+                break
+            path = path[:cut]
+        return self.lines.get(path)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Validator:
+    def __init__(self, source: str, locator: KeyLocator, base_dir: Path) -> None:
+        self.source = source
+        self.loc = locator
+        self.base_dir = base_dir
+        self.errors: list[tuple[int, str]] = []
+
+    def error(self, path: str, msg: str) -> None:
+        line = self.loc.line_of(path)
+        where = f"{self.source}:{line}" if line else self.source
+        self.errors.append((line or 0, f"{where}: {path}: {msg}" if path else f"{where}: {msg}"))
+
+    def check_keys(self, table: dict, path: str, allowed: tuple[str, ...]) -> None:
+        for k in table:
+            if k not in allowed:
+                kp = f"{path}.{k}" if path else k
+                close = difflib.get_close_matches(k, allowed, n=1, cutoff=0.6)
+                hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(allowed)}"
+                self.error(kp, f'unknown key "{k}"{hint}')
+
+    def table(self, parent: dict, key: str, path: str) -> dict:
+        v = parent.get(key, _MISSING)
+        if v is _MISSING:
+            return {}
+        if not isinstance(v, dict):
+            self.error(path, f"must be a table ([{path}]), not {_tname(v)}")
+            return {}
+        return v
+
+    def get(self, tbl: dict, key: str, path: str, conv: Callable[[Any], Any], default: Any, *, required: bool = False):
+        kp = f"{path}.{key}" if path else key
+        v = tbl.get(key, _MISSING)
+        if v is _MISSING:
+            if required:
+                self.error(path, f'missing required key "{key}"')
+            return default
+        try:
+            return conv(v)
+        except ValueError as e:
+            self.error(kp, str(e))
+            return default
+
+
+def _tname(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "a table"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{v!r} must be true or false")
+    return v
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{v!r} must be an integer {lo}..{hi}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is out of range {lo}..{hi}")
+        return v
+
+    return conv
+
+
+def _size_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        n = parse_size(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"{_show(v)} is out of range: {lo}..{hi} bytes")
+        return n
+
+    return conv
+
+
+def _show(v: Any) -> str:
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def _duration(v: Any) -> float:
+    return parse_duration(v)
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} must be a string")
+    return v
+
+
+def _digests(v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items:
+        raise ValueError(f'{v!r} must be a list like ["None", "CRC32C"]')
+    out = []
+    for it in items:
+        norm = {"none": "None", "crc32c": "CRC32C"}.get(it.lower()) if isinstance(it, str) else None
+        if norm is None:
+            raise ValueError(f'{_show(it)} is not a digest; use "None" or "CRC32C"')
+        if norm in out:
+            raise ValueError(f'"{norm}" is listed twice')
+        out.append(norm)
+    return tuple(out)
+
+
+_SERIAL_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+
+
+def _serial(v: Any) -> str:
+    if not isinstance(v, str) or not _SERIAL_RE.match(v):
+        raise ValueError(f"{_show(v)} is not a serial: use 1..32 of A-Z a-z 0-9 . _ -")
+    return v
+
+
+def _rotation_rate(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (v in (0, 1) or 0x401 <= v <= 0xFFFE):
+        raise ValueError(f"{v!r} is not a rotation rate: use 0 (not reported), 1 (SSD) or rpm 1025..65534, e.g. 7200")
+    return v
+
+
+_TOP_KEYS = ("server", "iscsi", "target")
+_SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions")
+_ISCSI_KEYS = (
+    "max_recv_data_segment_length",
+    "max_burst_length",
+    "first_burst_length",
+    "immediate_data",
+    "initial_r2t",
+    "max_outstanding_r2t",
+    "header_digest",
+    "data_digest",
+    "default_time2wait",
+    "default_time2retain",
+    "max_connections",
+)
+_TARGET_KEYS = ("iqn", "alias", "lun")
+_LUN_KEYS = ("id", "path", "size", "block_size", "preallocate", "read_only", "serial", "rotation_rate")
+_SEG_MAX = (1 << 24) - 1  # RFC 7143 §13: 512 .. 2**24-1
+
+
+def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tuple[TargetConfig, ...]]:
+    v.check_keys(data, "", _TOP_KEYS)
+
+    # [server]
+    s = v.table(data, "server", "server")
+    v.check_keys(s, "server", _SERVER_KEYS)
+    d = ServerConfig()
+    listen = d.listen
+    raw_listen = s.get("listen", _MISSING)
+    if raw_listen is not _MISSING:
+        items = [raw_listen] if isinstance(raw_listen, str) else raw_listen
+        if not isinstance(items, list) or not items:
+            v.error("server.listen", f'{raw_listen!r} must be a list of "host:port" strings, e.g. ["0.0.0.0:3260"]')
+        else:
+            got: list[tuple[str, int]] = []
+            for i, it in enumerate(items):
+                try:
+                    hp = parse_portal(it)
+                except ValueError as e:
+                    v.error(f"server.listen[{i}]", str(e))
+                    continue
+                if hp in got:
+                    v.error(f"server.listen[{i}]", f'"{it}" is listed twice')
+                got.append(hp)
+            listen = tuple(got)
+    state_dir = v.get(s, "state_dir", "server", _string, str(d.state_dir))
+    nop_interval = v.get(s, "nop_interval", "server", _duration, d.nop_interval)
+    nop_timeout = v.get(s, "nop_timeout", "server", _duration, d.nop_timeout)
+    if "nop_timeout" in s and nop_timeout == 0:
+        v.error("server.nop_timeout", "must be more than 0")
+    login_timeout = v.get(s, "login_timeout", "server", _duration, d.login_timeout)
+    if "login_timeout" in s and login_timeout == 0:
+        v.error("server.login_timeout", "must be more than 0")
+    max_sessions = v.get(s, "max_sessions", "server", _int_range(1, 65535), d.max_sessions)
+    server = ServerConfig(
+        listen=listen,
+        state_dir=_resolve(v.base_dir, state_dir),
+        nop_interval=nop_interval,
+        nop_timeout=nop_timeout,
+        login_timeout=login_timeout,
+        max_sessions=max_sessions,
+    )
+
+    # [iscsi]
+    t = v.table(data, "iscsi", "iscsi")
+    v.check_keys(t, "iscsi", _ISCSI_KEYS)
+    di = IscsiConfig()
+    seg = _size_range(512, _SEG_MAX)
+    iscsi = IscsiConfig(
+        max_recv_data_segment_length=v.get(t, "max_recv_data_segment_length", "iscsi", seg, di.max_recv_data_segment_length),
+        max_burst_length=v.get(t, "max_burst_length", "iscsi", seg, di.max_burst_length),
+        first_burst_length=v.get(t, "first_burst_length", "iscsi", seg, di.first_burst_length),
+        immediate_data=v.get(t, "immediate_data", "iscsi", _bool, di.immediate_data),
+        initial_r2t=v.get(t, "initial_r2t", "iscsi", _bool, di.initial_r2t),
+        max_outstanding_r2t=v.get(t, "max_outstanding_r2t", "iscsi", _int_range(1, 65535), di.max_outstanding_r2t),
+        header_digest=v.get(t, "header_digest", "iscsi", _digests, di.header_digest),
+        data_digest=v.get(t, "data_digest", "iscsi", _digests, di.data_digest),
+        default_time2wait=v.get(t, "default_time2wait", "iscsi", _int_range(0, 3600), di.default_time2wait),
+        default_time2retain=v.get(t, "default_time2retain", "iscsi", _int_range(0, 3600), di.default_time2retain),
+        max_connections=v.get(t, "max_connections", "iscsi", _int_range(1, 65535), di.max_connections),
+    )
+    if iscsi.first_burst_length > iscsi.max_burst_length:
+        v.error(
+            "iscsi.first_burst_length" if "first_burst_length" in t else "iscsi.max_burst_length",
+            f"first_burst_length ({format_size(iscsi.first_burst_length)}) must not exceed "
+            f"max_burst_length ({format_size(iscsi.max_burst_length)})",
+        )
+
+    # [[target]]
+    raw_targets = data.get("target", _MISSING)
+    targets: list[TargetConfig] = []
+    if raw_targets is _MISSING:
+        v.error("", "no target defined; add a [[target]] with an iqn and at least one [[target.lun]]")
+        raw_targets = []
+    elif isinstance(raw_targets, dict):
+        v.error("target", "write [[target]] (an array of tables, one per target), not [target]")
+        raw_targets = []
+    iqns: dict[str, str] = {}
+    paths: dict[Path, str] = {}
+    serials: dict[str, str] = {}
+    for ti, tt in enumerate(raw_targets):
+        tp = f"target[{ti}]"
+        if not isinstance(tt, dict):
+            v.error(tp, "must be a table ([[target]])")
+            continue
+        v.check_keys(tt, tp, _TARGET_KEYS)
+        iqn = v.get(tt, "iqn", tp, _iqn, None, required=True)
+        if iqn is not None:
+            if iqn.lower() in iqns:
+                v.error(f"{tp}.iqn", f'"{iqn}" is already used by {iqns[iqn.lower()]}')
+            else:
+                iqns[iqn.lower()] = tp
+        alias = v.get(tt, "alias", tp, _alias, None)
+        raw_luns = tt.get("lun", _MISSING)
+        luns: list[LunConfig] = []
+        if raw_luns is _MISSING:
+            v.error(tp, "has no LUN; add a [[target.lun]] with id, path and size")
+            raw_luns = []
+        elif isinstance(raw_luns, dict):
+            v.error(f"{tp}.lun", "write [[target.lun]] (an array of tables, one per LUN), not [target.lun]")
+            raw_luns = []
+        ids: dict[int, str] = {}
+        for li, ll in enumerate(raw_luns):
+            lp = f"{tp}.lun[{li}]"
+            if not isinstance(ll, dict):
+                v.error(lp, "must be a table ([[target.lun]])")
+                continue
+            lun = _validate_lun(ll, lp, v)
+            if lun is None:
+                continue
+            if lun.id in ids:
+                v.error(f"{lp}.id", f"LUN {lun.id} is already used by {ids[lun.id]}")
+            ids.setdefault(lun.id, lp)
+            key = Path(_norm(lun.path))
+            if key in paths:
+                v.error(f"{lp}.path", f'"{lun.path}" is already used by {paths[key]}')
+            paths.setdefault(key, lp)
+            if lun.serial is not None:
+                if lun.serial in serials:
+                    v.error(f"{lp}.serial", f'"{lun.serial}" is already used by {serials[lun.serial]}')
+                serials.setdefault(lun.serial, lp)
+            luns.append(lun)
+        if iqn is not None:
+            targets.append(TargetConfig(iqn=iqn, alias=alias, luns=tuple(sorted(luns, key=lambda x: x.id))))
+    return server, iscsi, tuple(targets)
+
+
+def _iqn(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} must be a string like iqn.2026-11.org.example:disk1")
+    validate_iscsi_name(v)
+    return v
+
+
+def _alias(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} must be a string")
+    if len(v.encode()) > 255 or any(ord(c) < 0x20 or c == "\x7f" for c in v):
+        raise ValueError(f"{_show(v)}: an alias is at most 255 bytes without control characters")
+    return v
+
+
+def _norm(p: Path) -> str:
+    try:
+        return str(p.resolve(strict=False))
+    except OSError:  # pragma: no cover
+        return str(p)
+
+
+def _resolve(base: Path, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
+    v.check_keys(ll, lp, _LUN_KEYS)
+    n_err = len(v.errors)
+    lun_id = v.get(ll, "id", lp, _int_range(0, MAX_LUN_ID), None, required=True)
+    path = v.get(ll, "path", lp, _path_str, None, required=True)
+    block_size = v.get(ll, "block_size", lp, _block_size, 512)
+    size = v.get(ll, "size", lp, parse_size, None)
+    if size is not None and "size" in ll:
+        if size == 0:
+            v.error(f"{lp}.size", "must be more than 0")
+        elif size % block_size:
+            v.error(
+                f"{lp}.size",
+                f"{_show(ll['size'])} ({size} bytes) is not a multiple of the block size {block_size}",
+            )
+    preallocate = v.get(ll, "preallocate", lp, _bool, False)
+    read_only = v.get(ll, "read_only", lp, _bool, False)
+    serial = v.get(ll, "serial", lp, _serial, None)
+    rotation_rate = v.get(ll, "rotation_rate", lp, _rotation_rate, 0)
+    if len(v.errors) != n_err or lun_id is None or path is None:
+        return None
+    return LunConfig(
+        id=lun_id,
+        path=_resolve(v.base_dir, path),
+        size=size,
+        block_size=block_size,
+        preallocate=preallocate,
+        read_only=read_only,
+        serial=serial,
+        rotation_rate=rotation_rate,
+    )
+
+
+def _path_str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{v!r} must be a non-empty path string")
+    return v
+
+
+def _block_size(v: Any) -> int:
+    if isinstance(v, bool) or v not in (512, 4096):
+        raise ValueError(f"{v!r} is not a block size: use 512 or 4096")
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------
+
+_TOML_POS_RE = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)\s*$", re.S)
+
+
+def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate TOML ``text``; ``source`` names it in errors, relative paths
+    resolve against ``base_dir`` (default: the current directory)."""
+    src = str(source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = _TOML_POS_RE.match(msg)
+        if m:
+            raise ConfigError(f"{src}:{m.group(2)}: TOML syntax error: {m.group(1)} (column {m.group(3)})") from None
+        if "end of document" in msg:
+            last = max(1, len(text.splitlines()))
+            raise ConfigError(f"{src}:{last}: TOML syntax error: {msg}") from None
+        raise ConfigError(f"{src}: TOML syntax error: {msg}") from None
+    base = (base_dir or Path.cwd()).absolute()
+    v = _Validator(src, KeyLocator(text), base)
+    server, iscsi, targets = _validate(data, v)
+    if v.errors:
+        msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
+        raise ConfigError("\n".join(msgs), msgs)
+    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute())
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the config file is not UTF-8") from None
+    return parse_config(text, source=path, base_dir=p.absolute().parent)
