@@ -1,0 +1,262 @@
+"""asyncio glue: portals, one protocol object per TCP connection, shutdown.
+
+All protocol decisions live in the sans-IO :class:`~.iscsi.connection.IscsiConnection`;
+this module only moves bytes, runs the actions it asks for (SCSI commands,
+task management) as asyncio tasks, arms its timer, and stops cleanly on
+SIGINT/SIGTERM: portals closed, sessions closed, every LU flushed, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from .iscsi.connection import Close, Execute, IscsiConnection, SessionStarted, TaskManagement, TmfFunction
+from .iscsi.session import PortalContext, TargetEntry
+from .scsi.command import TmfResponse
+
+log = logging.getLogger("pyiscsi_target.server")
+
+# Stop reading from an initiator while this much of our output is still queued:
+# a client that does not read cannot make us buffer unbounded Data-In.
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+def offers_from_config(c) -> dict[str, str]:
+    """RFC 7143 §13 keys the target offers, from the ``[iscsi]`` config section."""
+    yn = {True: "Yes", False: "No"}
+    return {
+        "MaxRecvDataSegmentLength": str(c.max_recv_data_segment_length),
+        "MaxBurstLength": str(c.max_burst_length),
+        "FirstBurstLength": str(c.first_burst_length),
+        "ImmediateData": yn[c.immediate_data],
+        "InitialR2T": yn[c.initial_r2t],
+        "MaxOutstandingR2T": str(c.max_outstanding_r2t),
+        "HeaderDigest": ",".join(c.header_digest),
+        "DataDigest": ",".join(c.data_digest),
+        "DefaultTime2Wait": str(c.default_time2wait),
+        "DefaultTime2Retain": str(c.default_time2retain),
+        "MaxConnections": str(c.max_connections),
+        "ErrorRecoveryLevel": "0",
+        "DataPDUInOrder": "Yes",
+        "DataSequenceInOrder": "Yes",
+        "AuthMethod": "None",
+    }
+
+
+class IscsiProtocol(asyncio.Protocol):
+    def __init__(self, server: "TargetServer"):
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: IscsiConnection | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # -- asyncio callbacks -----------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        local = transport.get_extra_info("sockname")[:2]
+        peer = transport.get_extra_info("peername")[:2]
+        self.conn = IscsiConnection(self.server.ctx, local, peer, self.loop.time())
+        self.conn.protocol = self
+        self.server.protocols.add(self)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data, self.loop.time())
+        self._pump()
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        self.server.protocols.discard(self)
+        if self._timer:
+            self._timer.cancel()
+        conn = self.conn
+        if conn is None:
+            return
+        if conn.phase.value != "closed":
+            conn.close("connection lost")
+            conn.take_actions()
+        s = conn.session
+        if s is not None and s.connections.get(conn.cid) is conn:
+            del s.connections[conn.cid]
+            if not s.connections:
+                # ERL 0: the session ends with its last connection (no Time2Retain recovery).
+                self.server.ctx.sessions.remove(s)
+                if s.nexus is not None and self.server.ctx.sessions.find(s.key) is None:
+                    s.target.device.remove_nexus(s.nexus)
+        if s is not None:
+            log.info("connection closed: %s TSIH %d CID %d", conn._who(), s.tsih, conn.cid)
+
+    # -- running what the connection asks for -------------------------------------
+    def _pump(self) -> None:
+        conn = self.conn
+        out = conn.take_output()
+        if out and not self.transport.is_closing():
+            self.transport.writelines(out)
+        for action in conn.take_actions():
+            if type(action) is Execute:
+                self._spawn(self._execute(action))
+            elif type(action) is TaskManagement:
+                self._spawn(self._task_management(action))
+            elif type(action) is SessionStarted:
+                for old in action.reinstated:
+                    proto = getattr(old, "protocol", None)
+                    if proto is not None:
+                        proto._pump()
+            elif type(action) is Close:
+                self.transport.close()
+        self._arm_timer()
+
+    def _spawn(self, coro) -> None:
+        t = self.loop.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _execute(self, a: Execute) -> None:
+        try:
+            result = await a.device.execute(a.task)
+        except asyncio.CancelledError:
+            self.conn.task_aborted(a.itt)
+            self._pump()
+            return
+        except Exception:  # a bug in a handler must not take the connection down
+            log.exception("SCSI command %s failed", a.task.cdb[:1].hex())
+            from .scsi.command import ScsiResult, Status
+            result = ScsiResult(status=Status.BUSY)
+        self.conn.scsi_done(a.itt, result)
+        self._pump()
+
+    async def _task_management(self, a: TaskManagement) -> None:
+        dev, nexus, lun = a.device, a.nexus, a.lun
+        fn = a.function
+        try:
+            if fn == TmfFunction.ABORT_TASK:
+                r = await dev.abort_task(nexus, lun, a.rtt)
+            elif fn == TmfFunction.ABORT_TASK_SET:
+                r = await dev.abort_task_set(nexus, lun)
+            elif fn == TmfFunction.CLEAR_TASK_SET:
+                r = await dev.clear_task_set(nexus, lun)
+            elif fn == TmfFunction.LOGICAL_UNIT_RESET:
+                r = await dev.lun_reset(nexus, lun)
+            else:
+                r = await dev.target_reset(nexus, cold=fn == TmfFunction.TARGET_COLD_RESET)
+        except Exception:
+            log.exception("task management function %d failed", fn)
+            r = TmfResponse.REJECTED
+        self.conn.tmf_done(a.itt, int(r))
+        self._pump()
+        if fn == TmfFunction.TARGET_COLD_RESET and int(r) == 0:
+            # §11.5.1: a cold reset closes every connection to the target.
+            for proto in list(self.server.protocols):
+                s = proto.conn.session if proto.conn else None
+                if s is not None and s.target is not None and s.target.device is dev:
+                    proto.conn.close("target cold reset")
+                    proto._pump()
+
+    # -- timer -------------------------------------------------------------------
+    def _arm_timer(self) -> None:
+        at = self.conn.get_timer() if self.conn else None
+        if at == self._timer_at:
+            return
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.conn.handle_timer(self.loop.time())
+        self._pump()
+
+
+class TargetServer:
+    def __init__(self, config, devices: dict):
+        self.config = config
+        self.devices = devices
+        srv = config.server
+        targets = {t.iqn: TargetEntry(t.iqn, devices[t.iqn], t.alias) for t in config.targets}
+        self.ctx = PortalContext(targets=targets, offers=offers_from_config(config.iscsi),
+                                 portals=list(srv.listen), nop_interval=srv.nop_interval,
+                                 nop_timeout=srv.nop_timeout, login_timeout=srv.login_timeout,
+                                 max_sessions=srv.max_sessions)
+        self.protocols: set[IscsiProtocol] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.config.server.listen:
+            server = await loop.create_server(lambda: IscsiProtocol(self), host=host, port=port,
+                                              reuse_address=True, backlog=128)
+            self.servers.append(server)
+            for sock in server.sockets:
+                log.info("listening on %s", _fmt_addr(sock.getsockname()))
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.close()
+        for proto in list(self.protocols):
+            if proto.transport is not None:
+                proto.transport.close()
+        pending = [t for p in list(self.protocols) for t in p.tasks]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        for dev in self.devices.values():
+            await dev.close()
+
+
+def _fmt_addr(a) -> str:
+    host, port = a[0], a[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config, *, stop: asyncio.Event | None = None) -> int:
+    from .assemble import build_devices
+
+    devices = await build_devices(config)
+    server = TargetServer(config, devices)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        for dev in devices.values():
+            await dev.close()
+        return 1
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):   # Windows: KeyboardInterrupt ends it
+            pass
+    log.info("serving %d target(s): %s", len(devices), ", ".join(devices))
+    await stop.wait()
+    log.info("shutting down: closing sessions and flushing LUNs")
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(config) -> int:
+    """Run the target until SIGINT/SIGTERM; returns the process exit status."""
+    if sys.platform != "win32":
+        try:
+            import uvloop
+            return uvloop.run(serve(config))
+        except ImportError:
+            pass
+    return asyncio.run(serve(config))
