@@ -35,6 +35,11 @@ import sys
 import threading
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 from .base import StorageError
 
 __all__ = ["FileBackend", "open_image", "create_image", "set_io_threads"]
@@ -207,6 +212,13 @@ class FileBackend:
                 errno.EINVAL, f"{p}: size {size} is not a positive multiple of the block size {block_size}"
             )
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            if stat.S_ISBLK(os.stat(p).st_mode):
+                # O_EXCL on a block device = exclusive open: fails with EBUSY
+                # while it is mounted or held by another exclusive opener.
+                flags |= os.O_EXCL
+        except OSError:
+            pass
         created = False
         try:
             try:
@@ -244,6 +256,7 @@ class FileBackend:
             if not stat.S_ISREG(st.st_mode):
                 raise StorageError(errno.EINVAL, f"{p}: neither a regular file nor a block device")
 
+            _lock_image(fd, p, read_only)
             cur = st.st_size
             if created:
                 assert size is not None
@@ -294,6 +307,12 @@ class FileBackend:
             if isinstance(e, OSError) and not isinstance(e, StorageError):
                 raise _storage_error(e, "cannot set up image", p) from e
             raise
+
+    def set_write_cache(self, enabled: bool) -> None:
+        """MODE SELECT caching page, WCE bit: with the cache off every write is
+        made durable before it completes (as if FUA).  Not saved: every open
+        starts with the write cache on.  The caller flushes before disabling."""
+        self.write_cache = bool(enabled)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -370,10 +389,10 @@ class FileBackend:
             mv = mv.cast("B")
         fd = self._check(offset, mv.nbytes, True)
         if mv.nbytes == 0:
-            if fua:
+            if fua or not self.write_cache:
                 await self.flush()
             return
-        await self._run("cannot write", self._write_sync, fd, mv, offset, fua)
+        await self._run("cannot write", self._write_sync, fd, mv, offset, fua or not self.write_cache)
 
     def _write_sync(self, fd: int, mv: memoryview, offset: int, fua: bool) -> None:
         done = 0
@@ -494,6 +513,20 @@ class FileBackend:
     def __repr__(self) -> str:
         kind = "blockdev" if self.block_device else ("thin" if self.thin else "thick")
         return f"<FileBackend {self.path} {self.size} bytes {kind}{' ro' if self.read_only else ''}>"
+
+
+def _lock_image(fd: int, path: str, read_only: bool) -> None:
+    """Two servers (or two LUNs) writing one image corrupt it: take a
+    whole-file lock, exclusive for read-write, shared for read-only."""
+    if fcntl is None:  # pragma: no cover
+        return
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StorageError(errno.EBUSY, f"{path}: image is in use (locked by another process or LUN)") from None
+    except OSError as e:
+        if e.errno not in _NOT_SUPPORTED + (errno.ENOLCK,):
+            raise
 
 
 def _probe_punch_hole(fd: int, size: int) -> bool:

@@ -376,3 +376,39 @@ def test_create_image_refuses_overwrite(tmp_path):
     assert p.read_bytes() == b"keep"
     create_image(p, MiB, force=True)
     assert p.stat().st_size == MiB
+
+
+async def test_write_cache_off_makes_every_write_durable(img, monkeypatch):
+    flags_seen = []
+    real = os.pwritev
+
+    def pwritev(fd, bufs, off, flags=0):
+        flags_seen.append(flags)
+        return real(fd, bufs, off, flags)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "pwrite", lambda *a: pytest.fail("plain pwrite with the cache off"))
+    img.set_write_cache(False)
+    assert img.write_cache is False
+    await img.write(0, b"d" * 512)
+    assert flags_seen == [os.RWF_DSYNC]
+    img.set_write_cache(True)
+    monkeypatch.undo()
+    assert img.write_cache is True
+
+
+async def test_image_is_locked_against_a_second_writer(tmp_path):
+    p = tmp_path / "l.img"
+    a = open_image(p, size=MiB, create=True)
+    with pytest.raises(StorageError, match="in use"):
+        open_image(p, size=MiB, create=True)
+    with pytest.raises(StorageError, match="in use"):
+        open_image(p, read_only=True)
+    await a.close()
+    b = open_image(p, read_only=True)
+    c = open_image(p, read_only=True)  # readers share
+    with pytest.raises(StorageError, match="in use"):
+        open_image(p)
+    await b.close()
+    await c.close()
+    await open_image(p).close()

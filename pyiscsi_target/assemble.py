@@ -1,0 +1,113 @@
+"""Config -> running objects.  The only module that sees config, storage and
+the SCSI core together (each of those knows nothing of the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .config import Config, ConfigError, LunConfig, format_size
+from .identity import IdentityError, LuIdentityRecord, load_or_create_identity
+from .storage.base import StorageError
+from .storage.file import FileBackend, open_image
+
+if TYPE_CHECKING:  # the SCSI core is imported lazily (see build_devices)
+    from .scsi.target import ScsiTargetDevice
+
+__all__ = ["AssembleError", "build_devices", "close_devices", "open_lun"]
+
+log = logging.getLogger(__name__)
+
+
+class AssembleError(ConfigError):
+    """A LUN named in the config cannot be brought up (image, device or
+    identity problem).  Like any ConfigError: print it, exit with status 2."""
+
+
+async def open_lun(config: Config, iqn: str, lun: LunConfig) -> tuple[FileBackend, LuIdentityRecord]:
+    """Open/create one LUN's image and load its identity (blocking work in a thread)."""
+    where = f"{config.source}: target {iqn} LUN {lun.id}"
+    try:
+        ident = await asyncio.to_thread(load_or_create_identity, config.server.state_dir, iqn, lun.id, lun.serial)
+    except (IdentityError, OSError) as e:
+        raise AssembleError(f"{where}: identity: {e}") from e
+    try:
+        backend = await asyncio.to_thread(
+            open_image,
+            lun.path,
+            size=lun.size,
+            create=not lun.is_block_device,
+            preallocate=lun.preallocate,
+            block_size=lun.block_size,
+            read_only=lun.read_only,
+        )
+    except (StorageError, OSError, ValueError) as e:
+        raise AssembleError(f"{where}: {e}") from e
+    log.info(
+        "target %s LUN %d: %s, %s, %d-byte blocks%s%s, serial %s, naa %s",
+        iqn,
+        lun.id,
+        lun.path,
+        format_size(backend.size),
+        lun.block_size,
+        ", thin" if backend.thin else "",
+        ", read-only" if lun.read_only else "",
+        ident.serial,
+        ident.naa.hex(),
+    )
+    return backend, ident
+
+
+async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
+    """Open every LUN and build one SCSI target device per configured target.
+
+    Returns ``{iqn: ScsiTargetDevice}`` in config order.  On any failure the
+    images already opened are closed again and :class:`AssembleError` (a
+    :class:`ConfigError`) names the target and LUN.
+    """
+    from .scsi.lun import LogicalUnit, LuIdentity
+    from .scsi.target import ScsiTargetDevice
+
+    opened: list[FileBackend] = []
+    devices: dict[str, ScsiTargetDevice] = {}
+    try:
+        for t in config.targets:
+            luns: dict[int, LogicalUnit] = {}
+            for lc in t.luns:
+                backend, ident = await open_lun(config, t.iqn, lc)
+                opened.append(backend)
+                try:
+                    luns[lc.id] = LogicalUnit(
+                        lc.id,
+                        backend,
+                        LuIdentity(serial=ident.serial, naa=ident.naa),
+                        block_size=lc.block_size,
+                        read_only=lc.read_only,
+                        rotation_rate=lc.rotation_rate,
+                    )
+                except ValueError as e:
+                    raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
+            devices[t.iqn] = ScsiTargetDevice(t.iqn, luns)
+    except BaseException:
+        for b in opened:
+            try:
+                await b.close()
+            except Exception:  # pragma: no cover - already failing; report the first error
+                log.exception("closing %s", b.path)
+        raise
+    return devices
+
+
+async def close_devices(devices: dict[str, "ScsiTargetDevice"]) -> None:
+    """Close every device (each flushes and closes its LUNs' images)."""
+    errors: list[BaseException] = []
+    for iqn, dev in devices.items():
+        try:
+            await dev.close()
+        except Exception as e:  # keep closing the others
+            log.error("closing target %s: %s", iqn, e)
+            errors.append(e)
+    if errors:
+        raise errors[0]
