@@ -13,7 +13,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -679,9 +681,13 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
     rotation_rate = v.get(ll, "rotation_rate", lp, _rotation_rate, 0)
     if len(v.errors) != n_err or lun_id is None or path is None:
         return None
+    full = _resolve(v.base_dir, path)
+    _check_image(v, lp, ll, full, size, block_size, read_only)
+    if len(v.errors) != n_err:
+        return None
     return LunConfig(
         id=lun_id,
-        path=_resolve(v.base_dir, path),
+        path=full,
         size=size,
         block_size=block_size,
         preallocate=preallocate,
@@ -689,6 +695,38 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
         serial=serial,
         rotation_rate=rotation_rate,
     )
+
+
+def _check_image(v: _Validator, lp: str, ll: dict, path: Path, size: int | None, block_size: int, read_only: bool) -> None:
+    """What can be known before opening: the image's existence and size (the
+    same rules FileBackend.open applies at start, reported with a line here)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if str(path).startswith("/dev/"):
+            v.error(f"{lp}.path", f'"{path}": no such block device')
+        elif size is None:
+            v.error(f"{lp}.path", f'"{path}" does not exist; add a size (e.g. size = "1GiB") to create it')
+        elif read_only:
+            v.error(f"{lp}.path", f'"{path}" does not exist and the LUN is read-only')
+        return
+    except OSError as e:
+        v.error(f"{lp}.path", f'"{path}": {e.strerror}')
+        return
+    if stat.S_ISBLK(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        v.error(f"{lp}.path", f'"{path}" is neither an image file nor a block device')
+    elif size is not None and st.st_size > size:
+        v.error(
+            f"{lp}.size",
+            f"{_show(ll['size'])} is smaller than the existing image {path.name} ({format_size(st.st_size)}); "
+            "images are never shrunk",
+        )
+    elif size is not None and st.st_size < size and read_only:
+        v.error(f"{lp}.size", f"{_show(ll['size'])} is larger than the read-only image ({format_size(st.st_size)})")
+    elif size is None and (st.st_size == 0 or st.st_size % block_size):
+        v.error(f"{lp}.path", f'"{path}" holds {st.st_size} bytes, not a multiple of the block size {block_size}')
 
 
 def _path_str(v: Any) -> str:

@@ -48,11 +48,13 @@ iqn = "iqn.2026-11.org.example:data"
 
   [[target.lun]]
   id = 1
-  path = "/dev/sdz"
+  path = "luns/existing.img"
 """
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    (tmp_path / "luns").mkdir(exist_ok=True)
+    (tmp_path / "luns" / "existing.img").write_bytes(bytes(8192))
     p = tmp_path / name
     p.write_text(text)
     return p
@@ -70,7 +72,8 @@ def test_good_config_values(tmp_path):
     q, d = c.targets
     assert q.luns[0].path == tmp_path / "luns" / "quorum.img"
     assert q.luns[0].size == 1 << 30 and q.luns[0].block_size == 512
-    assert d.luns[1].path == Path("/dev/sdz") and d.luns[1].size is None and d.luns[1].is_block_device
+    assert d.luns[1].path == tmp_path / "luns" / "existing.img" and d.luns[1].size is None
+    assert not d.luns[1].is_block_device
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.server.max_sessions = 3  # type: ignore[misc]
     assert c.target("iqn.2026-11.org.example:data") is d
@@ -98,7 +101,9 @@ def test_example_config_is_valid():
 
 
 def test_minimal_config_defaults(tmp_path):
+    (tmp_path / "a.img").write_bytes(bytes(512))
     c = load_config(write(tmp_path, '[[target]]\niqn = "iqn.2026-11.org.example:a"\n[[target.lun]]\nid = 0\npath = "a.img"\n'))
+    assert c.targets[0].luns[0].size is None
     assert c.server.listen == (("0.0.0.0", 3260),)
     assert c.iscsi.header_digest == ("None", "CRC32C") and c.iscsi.immediate_data is True
     assert c.server.max_sessions == 64
@@ -117,7 +122,10 @@ def test_all_options_parse(tmp_path):
         'size = "1GiB"',
         'size = "1GiB"\nblock_size = 4096\npreallocate = true\nread_only = true\nserial = "Q-0001"\nrotation_rate = 7200',
     ).replace('iqn = "iqn.2026-11.org.example:quorum"', 'iqn = "iqn.2026-11.org.example:quorum"\nalias = "Quorum disk"')
-    c = load_config(write(tmp_path, text))
+    p = write(tmp_path, text)
+    with open(tmp_path / "luns" / "quorum.img", "wb") as f:
+        f.truncate(1 << 30)  # read-only: must exist
+    c = load_config(p)
     s, i, lun = c.server, c.iscsi, c.targets[0].luns[0]
     assert s.state_dir == Path("/var/lib/pyiscsi")
     assert (s.nop_interval, s.nop_timeout, s.login_timeout, s.max_sessions) == (0.5, 45.0, 120.0, 8)
@@ -137,7 +145,7 @@ BAD = {
     "duplicate lun id": (("id = 1", "id = 0"), 26, "target[1].lun[1].id", "LUN 0 is already used by target[1].lun[0]"),
     "lun id range": (("id = 1", "id = 16384"), 26, "target[1].lun[1].id", "out of range 0..16383"),
     "lun id type": (("id = 1", 'id = "1"'), 26, "target[1].lun[1].id", "must be an integer"),
-    "unknown key typo": (('path = "/dev/sdz"', 'path = "/dev/sdz"\nread_onyl = true'), 28, "target[1].lun[1].read_onyl", 'did you mean "read_only"'),
+    "unknown key typo": (('path = "luns/existing.img"', 'path = "luns/existing.img"\nread_onyl = true'), 28, "target[1].lun[1].read_onyl", 'did you mean "read_only"'),
     "unknown server key": (('state_dir = "state"', 'state_dir = "state"\nnop_intervall = "5s"'), 4, "server.nop_intervall", 'did you mean "nop_interval"'),
     "unknown top table": (("[iscsi]", "[iscsii]"), 5, "iscsii", 'did you mean "iscsi"'),
     "bad iqn": (('iqn = "iqn.2026-11.org.example:data"', 'iqn = "iqn.2026.org.example:data"'), 18, "target[1].iqn", "not a valid iqn name"),
@@ -148,6 +156,11 @@ BAD = {
     "missing iqn": (('iqn = "iqn.2026-11.org.example:data"', 'alias = "x"'), 17, "target[1]", 'missing required key "iqn"'),
     "missing path": (('path = "luns/data.img"', ""), 20, "target[1].lun[0]", 'missing required key "path"'),
     "duplicate path": (('path = "luns/data.img"', 'path = "luns/../luns/quorum.img"'), 22, "target[1].lun[0].path", "already used by target[0].lun[0]"),
+    "missing image, no size": (('path = "luns/existing.img"', 'path = "luns/nothere.img"'), 27, "target[1].lun[1].path", "add a size"),
+    "no such block device": (('path = "luns/existing.img"', 'path = "/dev/pyiscsi-nope"'), 27, "target[1].lun[1].path", "no such block device"),
+    "image is a directory": (('path = "luns/existing.img"', 'path = "luns"'), 27, "target[1].lun[1].path", "neither an image file"),
+    "existing image bigger": (('path = "luns/existing.img"', 'path = "luns/existing.img"\nsize = 4096'), 28, "target[1].lun[1].size", "never shrunk"),
+    "existing image odd size": (('path = "luns/existing.img"', 'path = "luns/existing.img"\nblock_size = 4096\nsize = "1MiB"\nread_only = true'), 29, "target[1].lun[1].size", "larger than the read-only image"),
     "bad listen port": (('listen = ["0.0.0.0:3260", "[::]:3260"]', 'listen = ["0.0.0.0:99999"]'), 2, "server.listen[0]", "port"),
     "bad listen ipv6": (('listen = ["0.0.0.0:3260", "[::]:3260"]', 'listen = ["0.0.0.0:3260", ":::3260"]'), 2, "server.listen[1]", "in brackets"),
     "bad listen ipv4": (('listen = ["0.0.0.0:3260", "[::]:3260"]', 'listen = ["300.1.1.1:3260"]'), 2, "server.listen[0]", "not an IPv4 address"),

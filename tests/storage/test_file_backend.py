@@ -412,3 +412,39 @@ async def test_image_is_locked_against_a_second_writer(tmp_path):
     await b.close()
     await c.close()
     await open_image(p).close()
+
+
+@pytest.fixture
+def loopdev(tmp_path):
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a loop block device")
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    r = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"losetup failed: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+async def test_block_device(loopdev):
+    dev, backing = loopdev
+    with pytest.raises(StorageError, match="block device holds"):
+        open_image(dev, size=4 * MiB)
+    b = open_image(dev, block_size=4096, create=False)
+    assert (b.size, b.block_device, b.thin) == (8 * MiB, True, False)
+    with pytest.raises(StorageError, match="busy"):
+        open_image(dev)  # exclusive open
+    await b.write(4096, b"\xab" * 4096, fua=True)
+    assert await b.read(4096, 4096) == b"\xab" * 4096
+    assert await b.allocation(0, b.size) == [(0, b.size, True)]
+    await b.discard(4096, 4096)  # not thin: zeros written
+    assert await b.read(4096, 4096) == bytes(4096)
+    await b.close()
