@@ -141,8 +141,8 @@ class Login:
         nsg_out = nsg
         if transit and csg == SECURITY:
             self._check_auth()
-            declarations = self.neg.target_declarations("operational")
-            if nsg == FULL_FEATURE and declarations:
+            must_declare = int(self.ctx.offers.get("MaxRecvDataSegmentLength", "8192")) != 8192
+            if nsg == FULL_FEATURE and must_declare:
                 # We still have to declare values (e.g. our MaxRecvDataSegmentLength):
                 # go through the operational stage first (§6.3: a target may
                 # answer with a lower NSG).
