@@ -280,7 +280,7 @@ class LogoutRequest(_Bhs):                # §11.14
         return self.flags & 0x7F
 
 
-@_pdu(Opcode.SNACK_REQUEST, ">BBxxIQII4xI4xII4x")
+@_pdu(Opcode.SNACK_REQUEST, ">BBxxIQII4xI8xII")  # BegRun at 40, RunLength at 44
 class SnackRequest(_Bhs):                 # §11.16
     opbyte: int = Opcode.SNACK_REQUEST
     flags: int = F_FINAL
@@ -503,7 +503,8 @@ def decode_ahs(buf) -> list[Ahs]:
         length, typ = _AHS_HDR.unpack_from(buf, pos)[:2]
         if length == 0 or pos + 3 + length > end:
             raise PduFormatError("AHSLength out of range", RejectReason.INVALID_PDU_FIELD)
-        out.append(Ahs(typ, bytes(buf[pos + 4: pos + 3 + length])))
+        # AHSType bits 0-1 are reserved (§11.2.2.2): ignored on receipt.
+        out.append(Ahs(typ & 0x3F, bytes(buf[pos + 4: pos + 3 + length])))
         pos += 3 + length
         pos += -pos % 4
     return out
