@@ -261,8 +261,7 @@ class IscsiConnection:
         if rec.oversized:
             self._protocol_reject(rec.raw_bhs, RejectReason.PROTOCOL_ERROR,
                                   f"data segment longer than MaxRecvDataSegmentLength {self.reader.max_data_len}")
-            if pdu is not None and not pdu.immediate and hasattr(pdu, "cmdsn") and pdu.opcode != Opcode.DATA_OUT:
-                self.session.window.accept(pdu.cmdsn, None)
+            self._consume_cmdsn(pdu)
             return
         if handler is None:
             self._protocol_reject(rec.raw_bhs, RejectReason.PROTOCOL_ERROR, f"{type(pdu).__name__} not valid here")
@@ -270,8 +269,7 @@ class IscsiConnection:
         if not rec.data_digest_ok:
             # §7.8 at ERL 0: Reject the PDU; the initiator recovers the task.
             self._protocol_reject(rec.raw_bhs, RejectReason.DATA_DIGEST_ERROR, "data digest error")
-            if pdu.opcode == Opcode.SCSI_COMMAND and not pdu.immediate:
-                self.session.window.accept(pdu.cmdsn, None)
+            self._consume_cmdsn(pdu)
             return
         if self.session.discovery and pdu.opcode in (Opcode.SCSI_COMMAND, Opcode.TASK_MGMT_REQUEST,
                                                       Opcode.DATA_OUT, Opcode.SNACK_REQUEST):
@@ -292,6 +290,13 @@ class IscsiConnection:
             return
         for r in ready:
             self._HANDLERS[r.bhs.opcode](self, r)
+
+    def _consume_cmdsn(self, pdu) -> None:
+        """A rejected non-immediate command still uses up its CmdSN: at ERL 0 the
+        initiator does not retry it, and a hole would stall every later command."""
+        if pdu is not None and not pdu.immediate and pdu.opcode not in (Opcode.DATA_OUT, Opcode.SNACK_REQUEST) \
+                and hasattr(pdu, "cmdsn"):
+            self.session.window.accept(pdu.cmdsn, None)
 
     # NOP-Out → NOP-In (§11.18, §11.19)
     def _on_nop_out(self, rec: Received) -> None:
