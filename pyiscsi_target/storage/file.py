@@ -230,6 +230,10 @@ class FileBackend:
                     raise StorageError(errno.ENOENT, f"{p}: image does not exist and the LUN is read-only")
                 if size is None:
                     raise StorageError(errno.ENOENT, f"{p}: image does not exist; a size is needed to create it")
+                parent = os.path.dirname(os.path.abspath(p))
+                if not os.path.isdir(parent):
+                    os.makedirs(parent, exist_ok=True)
+                    log.info("%s: created directory", parent)
                 fd = os.open(p, flags | os.O_CREAT | os.O_EXCL, 0o600)
                 created = True
         except StorageError:

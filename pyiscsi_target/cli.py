@@ -1,0 +1,191 @@
+"""The ``pyiscsi-target`` command (also ``python -m pyiscsi_target``).
+
+Exit status: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, format_size, load_config, parse_size
+
+__all__ = ["main", "build_parser", "summarize"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyiscsi-target",
+        description="A pure-Python iSCSI target: serves disk images and block devices to iSCSI initiators.",
+        epilog="Run 'pyiscsi-target COMMAND --help' for the options of a command.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the target described by a config file",
+        description="Load CONFIG, open (and create when missing) every LUN image, listen on the configured "
+        "portals and serve until SIGINT/SIGTERM, which flush every LUN before exit.",
+    )
+    s.add_argument("config", metavar="CONFIG", help="the TOML config file (see config/example.toml)")
+    s.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="least severe messages logged to stderr: DEBUG, INFO (default), WARNING, ERROR",
+    )
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser(
+        "check-config",
+        help="validate a config file and print its targets, LUNs and portals",
+        description="Validate CONFIG without serving: exit 0 and print a summary when it is valid; "
+        "otherwise print each problem as FILE:LINE: KEY: PROBLEM and exit 2.",
+    )
+    c.add_argument("config", metavar="CONFIG", help="the TOML config file")
+    c.set_defaults(func=cmd_check_config)
+
+    n = sub.add_parser(
+        "create-lun",
+        help="create an empty disk image file",
+        description="Create an image file of SIZE bytes for use as a LUN: sparse (takes space only as it is "
+        "written) unless --preallocate.  Refuses to replace an existing file unless --force.",
+    )
+    n.add_argument("path", metavar="PATH", help="the image file to create, e.g. luns/data.img")
+    n.add_argument("--size", required=True, help='its size: bytes or binary units, e.g. "16GiB", "512MiB"')
+    n.add_argument("--preallocate", action="store_true", help="allocate every block now instead of a sparse file")
+    n.add_argument(
+        "--block-size", type=int, choices=(512, 4096), default=512, help="logical block size the LUN will use (default 512); the size must be a multiple of it"
+    )
+    n.add_argument("--force", action="store_true", help="replace PATH if it exists (its data is lost)")
+    n.set_defaults(func=cmd_create_lun)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    _setup_logging(args.log_level)
+    from . import server  # the fabric and the SCSI core load only when serving
+
+    logging.getLogger("pyiscsi_target").info("pyiscsi-target %s, config %s", __version__, config.source)
+    try:
+        return int(server.run(config) or 0)
+    except ConfigError as e:  # a LUN could not be brought up (assemble.AssembleError)
+        _err(str(e))
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # pragma: no cover - Windows: no signal handlers
+        return 130
+
+
+def summarize(config: Config) -> str:
+    """A human summary of a valid config (what check-config prints)."""
+
+    def portal(h: str, p: int) -> str:
+        return f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+
+    s, i = config.server, config.iscsi
+    out = [
+        f"{config.source}: OK",
+        f"portals:   {', '.join(portal(h, p) for h, p in s.listen)}",
+        f"state_dir: {s.state_dir}",
+        f"timers:    nop {s.nop_interval:g}s (timeout {s.nop_timeout:g}s), login {s.login_timeout:g}s; "
+        f"max {s.max_sessions} sessions",
+        f"iscsi:     MaxRecvDataSegmentLength {format_size(i.max_recv_data_segment_length)}, "
+        f"MaxBurstLength {format_size(i.max_burst_length)}, FirstBurstLength {format_size(i.first_burst_length)}, "
+        f"ImmediateData {'Yes' if i.immediate_data else 'No'}, InitialR2T {'Yes' if i.initial_r2t else 'No'}, "
+        f"digests {'/'.join(i.header_digest)} (header) {'/'.join(i.data_digest)} (data)",
+    ]
+    for t in config.targets:
+        out.append(f"target {t.iqn}" + (f'  alias "{t.alias}"' if t.alias else ""))
+        for lun in t.luns:
+            if lun.is_block_device:
+                size, state = "device size", "block device"
+            else:
+                exists = lun.path.exists()
+                size = format_size(lun.size) if lun.size is not None else format_size(lun.path.stat().st_size)
+                kind = "preallocated" if lun.preallocate else "sparse"
+                state = f"{kind}, exists" if exists else f"{kind}, will be created"
+                if exists and lun.size is not None and lun.path.stat().st_size < lun.size:
+                    state = f"exists ({format_size(lun.path.stat().st_size)}), will be extended"
+            flags = [f"{lun.block_size}-byte blocks"]
+            if lun.read_only:
+                flags.append("read-only")
+            if lun.serial:
+                flags.append(f"serial {lun.serial}")
+            if lun.rotation_rate == 1:
+                flags.append("SSD")
+            elif lun.rotation_rate:
+                flags.append(f"{lun.rotation_rate} rpm")
+            out.append(f"  LUN {lun.id}: {lun.path}  {size}  ({state}; {', '.join(flags)})")
+    return "\n".join(out)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    print(summarize(config))
+    return EXIT_OK
+
+
+def cmd_create_lun(args: argparse.Namespace) -> int:
+    from .storage.base import StorageError
+    from .storage.file import create_image
+
+    try:
+        size = parse_size(args.size)
+    except ValueError as e:
+        _err(f"pyiscsi-target create-lun: --size: {e}")
+        return EXIT_CONFIG
+    if size <= 0 or size % args.block_size:
+        _err(f"pyiscsi-target create-lun: --size: {size} bytes is not a positive multiple of the block size {args.block_size}")
+        return EXIT_CONFIG
+    path = Path(args.path)
+    try:
+        create_image(path, size, preallocate=args.preallocate, block_size=args.block_size, force=args.force)
+    except FileExistsError:
+        _err(f"pyiscsi-target create-lun: {path} already exists; refusing to overwrite it (use --force to replace it)")
+        return EXIT_FAILURE
+    except (StorageError, OSError) as e:
+        _err(f"pyiscsi-target create-lun: {e}")
+        return EXIT_FAILURE
+    print(f"created {path}: {format_size(size)}, {'preallocated' if args.preallocate else 'sparse'}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
