@@ -51,23 +51,35 @@ class Command:
         assert self.lu is not None
         return self.lu
 
-    def data_out(self, length: int, *, exact: bool = False) -> memoryview:
+    def data_out(self, length: int, *, exact: bool = False, partial: bool = False) -> memoryview:
         """The first ``length`` bytes of Data-Out the CDB asks for.
 
         Records ``length`` as the bytes wanted, so the fabric reports the
         residual.  When the initiator sent less than the CDB asks (SPDTL >
-        EDTL) nothing is read past the buffer: the command ends with INVALID
-        FIELD IN COMMAND INFORMATION UNIT and writes nothing (FCP-4 9.4.2 b,
-        the choice LIO makes and libiscsi's iSCSIResiduals tests accept).  More
+        EDTL) nothing is read past the buffer: with ``partial`` the bytes
+        that did arrive are returned (FCP-4 §9.4.2 a: process the command
+        normally but transfer no data beyond the expected length; what
+        libiscsi 1.19's iSCSIResiduals tests require for whole blocks);
+        otherwise the command ends with INVALID FIELD IN COMMAND INFORMATION
+        UNIT and writes nothing (FCP-4 §9.4.2 b).  More
         data than needed (EDTL > SPDTL) is an underflow: the excess is ignored,
         unless ``exact`` (WRITE SAME / COMPARE AND WRITE, whose data length is
-        fixed by the command, SBC-3 §5.2, §5.42).
+        fixed by the command, SBC-3 §5.2, §5.42): then any other length is
+        INVALID FIELD IN CDB.
         """
         self.data_out_wanted = length
         buf = self.task.data_out
         have = len(buf)
-        if have < length or (exact and have != length):
-            raise ScsiError(Reason.INVALID_FIELD_IN_COMMAND_IU, field_pointer=None)
+        if exact and have != length:
+            # The data length is implied by the CDB; a different amount
+            # means the CDB does not describe what was sent (LIO answers the
+            # same; libiscsi CompareAndWrite.Simple with 256 blocks = 0 in
+            # the CDB expects it).
+            raise ScsiError(Reason.INVALID_FIELD_IN_CDB)
+        if have < length:
+            if not partial:
+                raise ScsiError(Reason.INVALID_FIELD_IN_COMMAND_IU)
+            length = have
         view = buf if isinstance(buf, memoryview) else memoryview(buf)
         return view[:length] if have != length else view
 

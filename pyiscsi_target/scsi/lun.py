@@ -134,7 +134,7 @@ class LogicalUnit:
         read_only: bool = False,
         rotation_rate: int = 0,
         physical_block_exponent: int = 0,
-        max_transfer_bytes: int = 8 * 1024 * 1024,
+        max_transfer_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError("block_size must be a power of two >= 512")

@@ -51,6 +51,18 @@ def check_transfer(lu: LogicalUnit, blocks: int, len_at: int) -> None:
         raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field_pointer=len_at, bit=7)
 
 
+def write_data(cmd: Command, lu: LogicalUnit, blocks: int) -> memoryview:
+    """Data-Out for a write of ``blocks``: all of it, or when the initiator's
+    expected length is short, the whole blocks that arrived (FCP-4 §9.4.2 a;
+    the fabric reports the overflow residual from ``data_out_wanted``).  A
+    partial block cannot be written as such: INVALID FIELD IN COMMAND
+    INFORMATION UNIT, nothing written (FCP-4 §9.4.2 b)."""
+    data = cmd.data_out(blocks * lu.block_size, partial=True)
+    if len(data) % lu.block_size:
+        raise ScsiError(Reason.INVALID_FIELD_IN_COMMAND_IU)
+    return data
+
+
 def check_writable(lu: LogicalUnit) -> None:
     if lu.read_only:
         raise ScsiError(Reason.WRITE_PROTECTED)
@@ -108,8 +120,8 @@ async def write(cmd: Command) -> Reply:
     check_writable(lu)
     check_transfer(lu, blocks, len_at)
     check_range(lu, lba, blocks)
-    data = cmd.data_out(blocks * lu.block_size)
-    if blocks == 0:
+    data = write_data(cmd, lu, blocks)
+    if not data:
         return None
     fua = cdb[0] >> 5 != 0 and bool(cdb[1] & FUA)  # WRITE(6) has no FUA bit
     async with lu.write_gate.shared():
@@ -191,7 +203,8 @@ async def write_and_verify(cmd: Command) -> Reply:
     check_writable(lu)
     check_transfer(lu, blocks, len_at)
     check_range(lu, lba, blocks)
-    data = cmd.data_out(blocks * lu.block_size)
+    data = write_data(cmd, lu, blocks)
+    blocks = len(data) // lu.block_size
     if blocks == 0:
         return None
     async with lu.write_gate.shared():
@@ -291,9 +304,11 @@ async def write_same(cmd: Command) -> Reply:
     offset, length = lba * bs, blocks * bs
     async with lu.write_gate.shared():
         try:
-            if zero and unmap and lu.thin:
-                # LBPRZ=1: unmapped blocks read back as this all-zero pattern,
-                # so unmapping satisfies the write (SBC-3 §4.7.3.5).
+            if unmap and lu.thin:
+                # UNMAP=1 on a thin LU (LBPWS=1): unmap the range; with LBPRZ=1
+                # it then reads as zeros whatever the Data-Out block held, as
+                # LIO and tgt do and libiscsi WriteSame*.UnmapUntilEnd expects
+                # (SBC-3 §5.42, §4.7.3.4).
                 await lu.backend.discard(offset, length)
             elif zero:
                 await lu.backend.write_zeroes(offset, length)

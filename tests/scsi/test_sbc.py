@@ -84,14 +84,26 @@ async def test_fua_reaches_backend(h, lu):
     assert lu.backend.fua_writes == 1
 
 
-async def test_write_short_data_out_writes_nothing(h, lu):
-    """EDTL < SPDTL (libiscsi iSCSIResiduals): do not read past the buffer;
-    report the bytes the CDB wanted so the fabric sets the overflow residual."""
-    for sent in (0, 200, BS):
+async def test_write_short_data_out(h, lu):
+    """EDTL < SPDTL (libiscsi iSCSIResiduals): never read past the buffer;
+    write the whole blocks that arrived, GOOD; a partial block is refused
+    and nothing is written.  data_out_wanted lets the fabric set the
+    overflow residual."""
+    for sent in (200, BS + 100):
         r = await h.run(cdb10(0x2A, 10, 2), b"\xAA" * sent)
         assert_check(r, Reason.INVALID_FIELD_IN_COMMAND_IU)
         assert r.data_out_wanted == 2 * BS
     assert bytes((await h.run(cdb10(0x28, 10, 2))).data_in) == bytes(2 * BS)
+    r = await h.run(cdb10(0x2A, 10, 2), b"")
+    assert_good(r)
+    assert r.data_out_wanted == 2 * BS
+    r = await h.run(cdb10(0x2A, 10, 2), b"\xAA" * BS)
+    assert_good(r)
+    assert bytes((await h.run(cdb10(0x28, 10, 2))).data_in) == b"\xAA" * BS + bytes(BS)
+    r = await h.run(cdb10(0x2E, 20, 2, 0x02), b"\xBB" * BS)  # WRITE AND VERIFY too
+    assert_good(r)
+    assert r.data_out_wanted == 2 * BS
+    assert bytes((await h.run(cdb10(0x28, 20, 2))).data_in) == b"\xBB" * BS + bytes(BS)
 
 
 async def test_write_long_data_out_uses_prefix(h):
@@ -211,7 +223,14 @@ async def test_write_same_unmap_deallocates(h, lu):
     assert_good(await h.run(cdb16(0x93, 0, 256, flags=0x08), bytes(BS)))
     ext = await lu.backend.allocation(0, 256 * BS)
     assert ext == [(0, 256 * BS, False)]
-    # UNMAP bit with non-zero data: the data is written (it is not what unmapped blocks read as)
+    # UNMAP bit with non-zero data still unmaps (LIO/tgt; libiscsi UnmapUntilEnd)
+    assert_good(await h.run(cdb10(0x2A, 0, 2), b"\x55" * 2 * BS))
+    assert_good(await h.run(cdb10(0x41, 0, 2, flags=0x08), b"\x66" * BS))
+    assert bytes((await h.run(cdb10(0x28, 0, 2))).data_in) == bytes(2 * BS)
+
+
+async def test_write_same_unmap_bit_on_full_lu_writes():
+    h = await _h(thin=False)
     assert_good(await h.run(cdb10(0x41, 0, 2, flags=0x08), b"\x66" * BS))
     assert bytes((await h.run(cdb10(0x28, 0, 2))).data_in) == b"\x66" * 2 * BS
 
@@ -241,7 +260,7 @@ async def test_write_same_errors(h):
     assert_check(await h.run(cdb10(0x41, 0, 1, flags=0x01), bytes(BS)), Reason.INVALID_FIELD_IN_CDB, fp=1, bit=0)  # no NDOB in (10)
     for size in (BS // 2, 2 * BS):
         r = await h.run(cdb10(0x41, 0, 1), bytes(size))
-        assert_check(r, Reason.INVALID_FIELD_IN_COMMAND_IU)
+        assert_check(r, Reason.INVALID_FIELD_IN_CDB)
         assert r.data_out_wanted == BS
 
 
@@ -343,7 +362,9 @@ async def test_compare_and_write_errors(h, lu):
     lu.max_compare_write_blocks = 1
     assert_check(await h.run(caw(0, 2), bytes(4 * BS)), Reason.INVALID_FIELD_IN_CDB, fp=13)
     for size in (4 * BS, BS):  # libiscsi CompareAndWrite.InvalidDataOutSize
-        assert_check(await h.run(caw(0, 1), bytes(size)), Reason.INVALID_FIELD_IN_COMMAND_IU)
+        assert_check(await h.run(caw(0, 1), bytes(size)), Reason.INVALID_FIELD_IN_CDB)
+    # 256 blocks wraps to 0 in the CDB byte: the data sent does not fit the CDB
+    assert_check(await h.run(caw(0, 0), bytes(512 * BS)), Reason.INVALID_FIELD_IN_CDB)
 
 
 async def test_compare_and_write_atomic_against_writes(h, lu):
