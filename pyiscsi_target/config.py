@@ -554,10 +554,12 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
     v.check_keys(t, "iscsi", _ISCSI_KEYS)
     di = IscsiConfig()
     seg = _size_range(512, _SEG_MAX)
+    mbl = v.get(t, "max_burst_length", "iscsi", seg, di.max_burst_length)
     iscsi = IscsiConfig(
         max_recv_data_segment_length=v.get(t, "max_recv_data_segment_length", "iscsi", seg, di.max_recv_data_segment_length),
-        max_burst_length=v.get(t, "max_burst_length", "iscsi", seg, di.max_burst_length),
-        first_burst_length=v.get(t, "first_burst_length", "iscsi", seg, di.first_burst_length),
+        max_burst_length=mbl,
+        # Unset, FirstBurstLength follows a smaller MaxBurstLength down.
+        first_burst_length=v.get(t, "first_burst_length", "iscsi", seg, min(di.first_burst_length, mbl)),
         immediate_data=v.get(t, "immediate_data", "iscsi", _bool, di.immediate_data),
         initial_r2t=v.get(t, "initial_r2t", "iscsi", _bool, di.initial_r2t),
         max_outstanding_r2t=v.get(t, "max_outstanding_r2t", "iscsi", _int_range(1, 65535), di.max_outstanding_r2t),

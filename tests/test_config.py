@@ -354,3 +354,8 @@ def test_locator_counts_arrays_of_tables_per_parent():
     assert loc.line_of("target[1].lun[0].size") == 17  # not the line inside the ''' string
     assert loc.line_of("target[1].lun[0].nothing") == 12
     assert loc.line_of("nowhere") is None
+
+
+def test_first_burst_default_follows_a_small_max_burst(tmp_path):
+    c = load_config(write(tmp_path, GOOD.replace('first_burst_length = "256KiB"\n', "").replace('"1MiB"', '"64KiB"')))
+    assert (c.iscsi.max_burst_length, c.iscsi.first_burst_length) == (65536, 65536)
