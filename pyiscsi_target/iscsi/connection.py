@@ -155,6 +155,8 @@ class IscsiConnection:
         self.last_rx = now
         self.reader.feed(data)
         while self.phase is not Phase.CLOSED:
+            if self.phase is Phase.LOGIN and not self._login_header_ok():
+                return
             try:
                 rec = self.reader.next_pdu()
             except HeaderDigestError:
@@ -179,6 +181,24 @@ class IscsiConnection:
         return f"{name or '?'} from {peer_description(self.peer)}"
 
     # -- login phase ------------------------------------------------------------
+    def _login_header_ok(self) -> bool:
+        """Before login completes only Login Requests of at most 8192 bytes of
+        text are valid (§6.3, §13.12): anything else closes the connection at
+        once, without waiting for (or buffering) the data it announces."""
+        raw = self.reader.peek_header()
+        if raw is None:
+            return True
+        if raw[0] & 0x3F != Opcode.LOGIN_REQUEST or int.from_bytes(raw[5:8], "big") > self.reader.max_data_len \
+                or raw[4]:
+            if raw[0] & 0x3F == Opcode.LOGIN_REQUEST and self.login.first is not None:
+                self._send(self.login.failure_response(LoginRequest.decode(raw), LoginFailure(
+                    LoginStatus.INITIATOR_ERROR, "oversized login PDU")))
+            log.warning("%s: not a valid Login Request during login (opcode 0x%02x), closing", self._who(),
+                        raw[0] & 0x3F)
+            self.close("invalid PDU during login")
+            return False
+        return True
+
     def _login_pdu(self, rec: Received) -> None:
         req = rec.bhs
         if not isinstance(req, LoginRequest):

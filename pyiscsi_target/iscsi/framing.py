@@ -61,6 +61,12 @@ class PduReader:
             self._pos = 0
         buf += data
 
+    def peek_header(self) -> bytes | None:
+        """The next BHS's 48 bytes once they are here (for checks before its data arrives)."""
+        if self._pending is not None or len(self._buf) - self._pos < BHS_LEN:
+            return None
+        return bytes(self._buf[self._pos:self._pos + BHS_LEN])
+
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos

@@ -28,7 +28,7 @@ def test_bad_pdus_hurt_no_other_session(target, tmp_path):
     src.write_bytes(os.urandom(32 * MiB))
     dst = (f"driver=iscsi,transport=tcp,portal={target.portal},target={DATA},lun=0,"
            f"initiator-name=iqn.2026-11.test:good")
-    copier = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "--target-image-opts",
+    copier = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts",
                                str(src), dst], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # 1. A garbage opcode: Reject "command not supported" with the header echoed; session goes on.
@@ -52,7 +52,10 @@ def test_bad_pdus_hurt_no_other_session(target, tmp_path):
         # 3. A CmdSN far outside the window: silently ignored (RFC 7143 §4.2.2.1) ...
         ini.send(NopOut(opbyte=0x00, itt=0x55, cmdsn=(ini.cmdsn + 100000) & 0xFFFFFFFF, expstatsn=ini.expstatsn),
                  b"lost")
-        # ... so the next in-window command is the first answer we get.
+        # ... so the next in-window command is the first answer we get: the new
+        # nexus' POWER ON, RESET unit attention (29/00), then the read.
+        r = ini.command(bytes(6))
+        assert r.status == 2 and r.sense[2] & 0x0F == 6 and r.sense[12:14] == b"\x29\x00", r
         r = ini.command(READ10_1, read=512)
         assert r.status == 0 and len(r.data) == 512
         ini.logout()
@@ -79,7 +82,7 @@ def test_bad_pdus_hurt_no_other_session(target, tmp_path):
         if copier.poll() is None:
             copier.kill()
             copier.wait()
-    back = subprocess.run(["qemu-img", "compare", "-f", "raw", str(src), "--image-opts", dst],
+    back = subprocess.run(["qemu-img", "compare", "--image-opts", f"driver=file,filename={src}", dst],
                           capture_output=True, text=True, timeout=300)
     assert back.returncode == 0, back.stdout + back.stderr
     log = target.log_text()
@@ -96,6 +99,7 @@ def test_header_and_data_digests_with_our_initiator(target):
            ("ImmediateData", "Yes"), ("InitialR2T", "No"), ("FirstBurstLength", "8192"), ("MaxBurstLength", "16384")]
     a = ini.login(DATA, operational_keys=ops)
     assert a["HeaderDigest"] == "CRC32C" and a["DataDigest"] == "CRC32C"
+    assert ini.clear_unit_attentions() == [b"\x29\x00"]
     payload = os.urandom(64 * 1024)
     w = ini.command(bytes([0x2A, 0, 0, 0, 0, 0x10, 0, 0, 128, 0]), write=payload)
     assert w.status == 0, w

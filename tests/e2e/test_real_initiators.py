@@ -20,7 +20,7 @@ MiB = 1024 * 1024
 
 
 def run(*argv, timeout=120, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{argv} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
     return p
@@ -31,9 +31,12 @@ def test_iscsi_ls_lists_both_targets_with_luns_and_sizes(target):
     out = run("iscsi-ls", "-s", f"iscsi://{target.portal}").stdout
     assert f"Target:{QUORUM} Portal:{target.host}:{target.port},1" in out
     assert f"Target:{DATA} Portal:{target.host}:{target.port},1" in out
-    # quorum 64 MiB, data LUN 0 128 MiB (512-byte blocks), LUN 1 64 MiB of 4 KiB blocks
-    assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS \(Size:64M\)", out), out
-    assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS \(Size:128M\)", out), out
+    # quorum 64 MiB, data LUN 0 128 MiB (512-byte blocks), LUN 1 64 MiB of 4 KiB blocks.
+    # iscsi-ls multiplies the *last* LBA by the block size, so it prints one block
+    # less, rounded down to 63M/127M (READ CAPACITY itself is checked below).
+    assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS \(Size:63M\)", out), out
+    assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS \(Size:127M\)", out), out
+    assert re.search(r"Lun:1\s+Type:DIRECT_ACCESS \(Size:63M\)", out), out
     assert out.count("Lun:1") == 1, out
 
 
@@ -42,18 +45,21 @@ def test_iscsi_inq_standard_and_every_vpd_page(target):
     url = target.url(DATA, 0)
     std = run("iscsi-inq", url).stdout
     assert "Peripheral Device Type:DIRECT_ACCESS" in std or "Device Type:DIRECT_ACCESS" in std, std
-    assert "Version:" in std and "SPC-4" in std, std
+    assert "Version:6" in std and "Version Descriptor:0460 SPC-4" in std, std   # 6 = SPC-4
+    assert "CmdQue:1" in std and "Removable:0" in std, std
     assert "PYISCSI" in std, std
     pages = run("iscsi-inq", "-e", "1", "-c", "0", url).stdout
     listed = [int(x, 16) for x in re.findall(r"0x([0-9a-fA-F]{2})", pages)]
     for page in (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2):
         assert page in listed, pages
-    serial = run("iscsi-inq", "-e", "1", "-c", "0x80", url).stdout
+    serial = run("iscsi-inq", "-e", "1", "-c", "128", url).stdout
     assert re.search(r"Unit Serial Number:\s*\S+", serial), serial
-    ident = run("iscsi-inq", "-e", "1", "-c", "0x83", url).stdout
-    assert "NAA" in ident, ident
-    for page in ("0xb0", "0xb1", "0xb2"):
-        out = run("iscsi-inq", "-e", "1", "-c", page, url)
+    ident = run("iscsi-inq", "-e", "1", "-c", "131", url).stdout
+    # (iscsi-inq takes the page code in decimal)
+    assert "Designator Type:(3) NAA" in ident and "Association:(0) LOGICAL_UNIT" in ident, ident
+    assert f"Designator:[{DATA},t,0x0001]" in ident, ident
+    for page in (0xB0, 0xB1, 0xB2):
+        out = run("iscsi-inq", "-e", "1", "-c", str(page), url)
         assert out.stdout.strip(), (page, out.stderr)
 
 
@@ -67,7 +73,7 @@ def test_identity_is_stable_across_restart_and_distinct_per_lun(tmp_path):
     for _ in range(2):
         t = start_target(cfg, "127.0.0.1", port)
         try:
-            seen.append([run("iscsi-inq", "-e", "1", "-c", "0x83", u).stdout + run("iscsi-inq", "-e", "1", "-c", "0x80", u).stdout
+            seen.append([run("iscsi-inq", "-e", "1", "-c", "131", u).stdout + run("iscsi-inq", "-e", "1", "-c", "128", u).stdout
                          for u in urls])
         finally:
             assert t.stop() == 0
@@ -78,12 +84,13 @@ def test_identity_is_stable_across_restart_and_distinct_per_lun(tmp_path):
 def test_readcapacity16_reports_blocks_and_thin_provisioning(target):
     require("iscsi-readcapacity16")
     out = run("iscsi-readcapacity16", target.url(DATA, 0)).stdout
-    assert re.search(r"Logical Block Length:\s*512", out), out
-    assert re.search(r"Last Logical Block:\s*262143", out), out
-    assert re.search(r"Logical Block Provisioning Management Enabled:\s*1", out), out
+    assert "RETURNED LOGICAL BLOCK ADDRESS:262143" in out, out
+    assert "LOGICAL BLOCK LENGTH IN BYTES:512" in out, out
+    assert "LBPME:1 LBPRZ:1" in out, out              # sparse image: thin
+    assert "Total size:134217728" in out, out
     out4k = run("iscsi-readcapacity16", target.url(DATA, 1)).stdout
-    assert re.search(r"Logical Block Length:\s*4096", out4k), out4k
-    assert re.search(r"Last Logical Block:\s*16383", out4k), out4k
+    assert "RETURNED LOGICAL BLOCK ADDRESS:16383" in out4k, out4k
+    assert "LOGICAL BLOCK LENGTH IN BYTES:4096" in out4k, out4k
 
 
 def _random_image(path, size):
@@ -103,13 +110,13 @@ def test_qemu_img_writes_64mib_and_reads_it_back_equal(target, tmp_path, digest)
     src = tmp_path / "src.raw"
     _random_image(src, 64 * MiB)
     dst = _qemu_iscsi(target, DATA, 0, digest=digest)
-    run("qemu-img", "convert", "-p", "-n", "-f", "raw", "-O", "raw", "--target-image-opts", str(src), dst, timeout=300)
+    run("qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(src), dst, timeout=300)
     back = tmp_path / "back.raw"
-    run("qemu-img", "convert", "-f", "raw", "-O", "raw", "--image-opts", dst, str(back), timeout=300)
+    run("qemu-img", "convert", "-O", "raw", "--image-opts", dst, str(back), timeout=300)
     with open(back, "rb") as f:
         assert f.read(64 * MiB) == src.read_bytes()
     # qemu-img compare over iSCSI: the LUN is 128 MiB; its unwritten tail must read as zeros.
-    r = run("qemu-img", "compare", "-f", "raw", str(src), "--image-opts", dst, check=False, timeout=300)
+    r = run("qemu-img", "compare", "--image-opts", f"driver=file,filename={src}", dst, check=False, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -121,13 +128,13 @@ def test_data_survives_a_server_restart(tmp_path):
     _random_image(src, 64 * MiB)
     t = start_target(cfg, "127.0.0.1", port)
     try:
-        run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "--target-image-opts", str(src),
+        run("qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", str(src),
             _qemu_iscsi(t, QUORUM, 0), timeout=300)
     finally:
         assert t.stop() == 0
     t = start_target(cfg, "127.0.0.1", port)
     try:
-        r = run("qemu-img", "compare", "-f", "raw", str(src), "--image-opts", _qemu_iscsi(t, QUORUM, 0),
+        r = run("qemu-img", "compare", "--image-opts", f"driver=file,filename={src}", _qemu_iscsi(t, QUORUM, 0),
                 check=False, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "Images are identical" in r.stdout

@@ -219,6 +219,17 @@ class Initiator:
             else:
                 raise AssertionError(f"unexpected {pdu}")
 
+    def clear_unit_attentions(self, lun: int = 0, tries: int = 8) -> list[bytes]:
+        """TEST UNIT READY until GOOD; returns the ASC/ASCQ pairs of the UAs seen."""
+        seen = []
+        for _ in range(tries):
+            r = self.command(bytes(6), lun=lun)
+            if r.status == 0:
+                return seen
+            assert r.status == 2 and r.sense[2] & 0x0F == 6, r
+            seen.append(bytes(r.sense[12:14]))
+        raise AssertionError(f"unit attentions never cleared: {seen}")
+
     def logout(self) -> int:
         itt = self.next_itt()
         self.send(LogoutRequest(opbyte=0x46, flags=F_FINAL, itt=itt, cid=1, cmdsn=self.cmdsn,
