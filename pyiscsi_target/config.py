@@ -659,7 +659,8 @@ def _norm(p: Path) -> str:
 
 def _resolve(base: Path, p: str) -> Path:
     path = Path(p).expanduser()
-    return path if path.is_absolute() else base / path
+    # normpath, not resolve(): "../luns" should read as such, symlinks stay as configured.
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:

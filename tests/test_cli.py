@@ -35,7 +35,9 @@ def make_config(tmp_path: Path, port: int = 3260, extra_lun: str = "") -> Path:
     text = (REPO / "config" / "example.toml").read_text()
     text = text.replace('listen = ["0.0.0.0:3260", "[::]:3260"]', f'listen = ["127.0.0.1:{port}"]')
     text += extra_lun
-    p = tmp_path / "cluster.toml"
+    # The example lives in config/ and points at ../luns and ../state.
+    (tmp_path / "config").mkdir(exist_ok=True)
+    p = tmp_path / "config" / "cluster.toml"
     p.write_text(text)
     return p
 
@@ -71,7 +73,7 @@ def test_check_config_creates_nothing(tmp_path):
     r = run("check-config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert "sparse, will be created" in r.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.toml"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["config", "config/cluster.toml"]
 
 
 def test_check_config_error_names_file_line_key(tmp_path):
@@ -79,7 +81,7 @@ def test_check_config_error_names_file_line_key(tmp_path):
     text = cfg.read_text().replace('size = "16GiB"', 'size = "16GB"')
     cfg.write_text(text)
     line = next(i for i, l in enumerate(text.splitlines(), 1) if '"16GB"' in l)
-    r = run("check-config", "cluster.toml", cwd=tmp_path)
+    r = run("check-config", "cluster.toml", cwd=tmp_path / "config")
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr.strip() == f'cluster.toml:{line}: target[1].lun[0].size: "16GB" is not a size; use e.g. 16GiB'

@@ -97,7 +97,8 @@ def test_example_config_is_valid():
         ("iqn.2026-11.org.example:data", [(0, "data.img", 16 << 30, False)]),
     ]
     assert c.server.listen == (("0.0.0.0", 3260), ("::", 3260))
-    assert c.server.state_dir == REPO / "config" / "state"
+    assert c.server.state_dir == REPO / "state"
+    assert c.targets[0].luns[0].path == REPO / "luns" / "quorum.img"
 
 
 def test_minimal_config_defaults(tmp_path):

@@ -20,7 +20,9 @@ def cfg(tmp_path: Path, extra: str = "") -> Path:
     text = (REPO / "config" / "example.toml").read_text().replace(
         'listen = ["0.0.0.0:3260", "[::]:3260"]', 'listen = ["127.0.0.1:3260"]'
     )
-    p = tmp_path / "c.toml"
+    # The example lives in config/ and points at ../luns and ../state.
+    (tmp_path / "config").mkdir(exist_ok=True)
+    p = tmp_path / "config" / "c.toml"
     p.write_text(text + extra)
     return p
 
