@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from . import keys as _keys
+from .chap import ChapExchange, ChapFailure
 from .discovery import _normalize
 from .pdu import F_CONTINUE, F_TRANSIT, LoginRequest, LoginResponse
 from .session import PortalContext, Session
@@ -80,6 +81,10 @@ class Login:
         self._sent_tpgt = False
         self._existing: Session | None = None   # non-leading login: the session joined
         self._auth: str | None = None           # our answer to AuthMethod, once given
+        self._creds = None                      # ChapCredentials required here, or None
+        self._chap: ChapExchange | None = None
+        self.chap_user: str | None = None       # the CHAP name the initiator proved
+        self.failure: LoginFailure | None = None   # why this login was refused (for the server's slow-down)
         self.result: LoginResult | None = None
 
     # -- helpers -------------------------------------------------------------
@@ -102,9 +107,17 @@ class Login:
     def receive(self, req: LoginRequest, data: bytes) -> tuple[LoginResponse, bytes]:
         """One Login Request → one Login Response (header, text data).
 
-        Raises :class:`LoginFailure`; :attr:`result` is set once the response
-        returned carries the final transit to full feature phase.
+        Raises :class:`LoginFailure` (also kept in :attr:`failure`);
+        :attr:`result` is set once the response returned carries the final
+        transit to full feature phase.
         """
+        try:
+            return self._receive(req, data)
+        except LoginFailure as exc:
+            self.failure = exc
+            raise
+
+    def _receive(self, req: LoginRequest, data: bytes) -> tuple[LoginResponse, bytes]:
         if self.first is None:
             self._start(req)
         else:
@@ -127,6 +140,8 @@ class Login:
             raise LoginFailure(LoginStatus.INITIATOR_ERROR, f"malformed login text: {exc}") from None
         finally:
             self._text.clear()
+        if self.neg is None:
+            self.neg = self._negotiation(pairs)
         stage_name = "security" if csg == SECURITY else "operational"
         try:
             answers = self.neg.respond(pairs, stage_name)
@@ -136,8 +151,11 @@ class Login:
             if k == "AuthMethod":
                 self._auth = v
         answers = self._check_identity(pairs, answers)
+        answers += self._security(pairs, csg, req.transit)
 
         transit = req.transit and not self.neg.pending()
+        if csg == SECURITY and self._chap is not None and not self._chap.done:
+            transit = False                      # CHAP still under way: stay in the security stage
         nsg_out = nsg
         if transit and csg == SECURITY:
             self._check_auth()
@@ -175,7 +193,26 @@ class Login:
             if s is None or s.isid != req.isid:
                 raise LoginFailure(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {req.tsih}")
             self._existing = s
-        self.neg = _keys.Negotiation(self.ctx.offers, leading=leading)
+
+    def _negotiation(self, pairs) -> _keys.Negotiation:
+        """The negotiation, once the first text is known: AuthMethod depends on
+        the target (or discovery) the initiator asks for."""
+        offers = dict(self.ctx.offers)
+        self._creds = self._required_credentials(pairs)
+        offers["AuthMethod"] = "CHAP" if self._creds is not None else "None"
+        return _keys.Negotiation(offers, leading=self._existing is None)
+
+    def _required_credentials(self, pairs):
+        if self._existing is not None:
+            s = self._existing
+            return self.ctx.discovery_chap if s.discovery else getattr(s.target, "chap", None)
+        first = {}
+        for k, v in pairs:
+            first.setdefault(k, v)
+        if first.get("SessionType", "Normal") == "Discovery":
+            return self.ctx.discovery_chap
+        target = self.ctx.targets.get(first.get("TargetName", ""))
+        return getattr(target, "chap", None)
 
     def _check_same_login(self, req: LoginRequest) -> None:
         f = self.first
@@ -201,6 +238,9 @@ class Login:
                 if p.target_name not in self.ctx.targets:
                     raise LoginFailure(LoginStatus.NOT_FOUND, f"target {p.target_name} not found")
             if p.session_type == "Normal":
+                self._check_access(self.ctx.targets.get(p.target_name) if self._existing is None
+                                   else self._existing.target)
+            if p.session_type == "Normal":
                 # §13.9: returned in the first Login Response of a normal session.
                 answers = answers + [("TargetPortalGroupTag", str(self.ctx.tpgt))]
                 target = self.ctx.targets.get(p.target_name) if self._existing is None else self._existing.target
@@ -209,9 +249,49 @@ class Login:
             self._sent_tpgt = True
         return answers
 
+    def _check_access(self, target) -> None:
+        """The target's ACL: initiator name and source address (0x0202)."""
+        acl = getattr(target, "acl", None)
+        if acl is None:
+            return
+        why = acl.why_not(self.neg.params.initiator_name, _normalize(self.peer[0]))
+        if why is not None:
+            raise LoginFailure(LoginStatus.AUTHORIZATION_FAILURE, f"{why} of {target.name}")
+
+    def _security(self, pairs, csg: int, transit: bool) -> list[tuple[str, str]]:
+        """Run CHAP when the target requires it (RFC 7143 §12.1.3)."""
+        if self._creds is None:
+            return []
+        if csg != SECURITY:
+            if self._chap is None or not self._chap.done:
+                raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE,
+                                   "CHAP required, but the initiator skipped the security stage")
+            return []
+        if self._auth == _keys.REJECT:
+            raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE,
+                               "CHAP required, but the initiator does not offer AuthMethod=CHAP")
+        chap_keys = {k: v for k, v in pairs if k.startswith("CHAP_")}
+        if self._auth == "CHAP" and self._chap is None:
+            self._chap = ChapExchange(self._creds)
+        if not chap_keys:
+            return []
+        try:
+            out = self._chap.step(chap_keys)
+        except ChapFailure as exc:
+            raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE, exc.message) from None
+        if self._chap.done:
+            self.chap_user = self._chap.user
+        return out
+
     def _check_auth(self) -> None:
-        # Only "None" is offered until CHAP lands; an initiator that insists on
-        # another method got "Reject" and cannot leave the security stage.
+        """Leaving the security stage: the required method must have succeeded."""
+        if self._creds is not None:
+            if self._chap is None or not self._chap.done:
+                raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE,
+                                   "CHAP required, but the initiator did not authenticate")
+            return
+        # Only "None" is offered: an initiator that insists on another method
+        # got "Reject" and cannot leave the security stage.
         if self._auth is not None and self._auth != "None":
             raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE, "no acceptable AuthMethod")
 

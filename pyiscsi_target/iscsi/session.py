@@ -27,6 +27,8 @@ class TargetEntry:
     name: str
     device: Any                      # pyiscsi_target.scsi.target.ScsiTargetDevice
     alias: str | None = None
+    chap: Any = None                 # iscsi.chap.ChapCredentials: CHAP required; None = AuthMethod None
+    acl: Any = None                  # iscsi.acl.AccessList; None = anyone may log in
 
 
 @dataclass
@@ -45,6 +47,7 @@ class PortalContext:
     nop_timeout: float = 30.0
     login_timeout: float = 15.0
     max_sessions: int = 256
+    discovery_chap: Any = None                   # iscsi.chap.ChapCredentials for discovery sessions
     sessions: "SessionTable" = None  # type: ignore[assignment]
 
     def __post_init__(self):
