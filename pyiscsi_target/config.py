@@ -94,7 +94,7 @@ class LunConfig:
 
     @property
     def is_block_device(self) -> bool:
-        return str(self.path).startswith("/dev/")
+        return _is_device_path(self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,13 +700,20 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
     )
 
 
+def _is_device_path(path: Path) -> bool:
+    """A path under /dev names a device and is never created as a file; /dev/shm
+    is tmpfs, a normal place for image files (e.g. for benchmarks)."""
+    p = str(path)
+    return p.startswith("/dev/") and not p.startswith("/dev/shm/")
+
+
 def _check_image(v: _Validator, lp: str, ll: dict, path: Path, size: int | None, block_size: int, read_only: bool) -> None:
     """What can be known before opening: the image's existence and size (the
     same rules FileBackend.open applies at start, reported with a line here)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        if str(path).startswith("/dev/"):
+        if _is_device_path(path):
             v.error(f"{lp}.path", f'"{path}": no such block device')
         elif size is None:
             v.error(f"{lp}.path", f'"{path}" does not exist; add a size (e.g. size = "1GiB") to create it')

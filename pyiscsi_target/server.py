@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from functools import partial
 
 from .iscsi.connection import Close, Execute, IscsiConnection, SessionStarted, TaskManagement, TmfFunction
 from .iscsi.session import PortalContext, TargetEntry
@@ -55,6 +56,8 @@ class IscsiProtocol(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._wq: list = []                 # output gathered during this loop iteration
+        self._flush_scheduled = False
 
     # -- asyncio callbacks -----------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -103,11 +106,19 @@ class IscsiProtocol(asyncio.Protocol):
     def _pump(self) -> None:
         conn = self.conn
         out = conn.take_output()
-        if out and not self.transport.is_closing():
-            self.transport.writelines(out)
+        if out:
+            # Coalesce: every response produced in this loop iteration (many
+            # commands complete together at high queue depth) leaves in one
+            # writelines, i.e. one send syscall instead of one per command.
+            self._wq.extend(out)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
         for action in conn.take_actions():
             if type(action) is Execute:
-                self._spawn(self._execute(action))
+                t = action.device.submit(action.task, partial(self._scsi_done, action.itt))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
             elif type(action) is TaskManagement:
                 self._spawn(self._task_management(action))
             elif type(action) is SessionStarted:
@@ -116,26 +127,26 @@ class IscsiProtocol(asyncio.Protocol):
                     if proto is not None:
                         proto._pump()
             elif type(action) is Close:
+                self._flush()
                 self.transport.close()
         self._arm_timer()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        wq, self._wq = self._wq, []
+        if wq and not self.transport.is_closing():
+            self.transport.writelines(wq)
 
     def _spawn(self, coro) -> None:
         t = self.loop.create_task(coro)
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
-    async def _execute(self, a: Execute) -> None:
-        try:
-            result = await a.device.execute(a.task)
-        except asyncio.CancelledError:
-            self.conn.task_aborted(a.itt)
-            self._pump()
-            return
-        except Exception:  # a bug in a handler must not take the connection down
-            log.exception("SCSI command %s failed", a.task.cdb[:1].hex())
-            from .scsi.command import ScsiResult, Status
-            result = ScsiResult(status=Status.BUSY)
-        self.conn.scsi_done(a.itt, result)
+    def _scsi_done(self, itt: int, result) -> None:
+        if result is None:           # aborted by a task management function
+            self.conn.task_aborted(itt)
+        else:
+            self.conn.scsi_done(itt, result)
         self._pump()
 
     async def _task_management(self, a: TaskManagement) -> None:
@@ -167,15 +178,24 @@ class IscsiProtocol(asyncio.Protocol):
 
     # -- timer -------------------------------------------------------------------
     def _arm_timer(self) -> None:
+        """Keep one timer armed no later than the connection's next deadline.
+
+        Deadlines mostly move later (each PDU received pushes the keepalive
+        back), so a timer that fires early just re-arms: far cheaper than
+        cancelling and re-creating a TimerHandle for every PDU.
+        """
         at = self.conn.get_timer() if self.conn else None
-        if at == self._timer_at:
+        if at is None:
+            if self._timer:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None and self._timer_at <= at:
             return
         if self._timer:
             self._timer.cancel()
-            self._timer = None
         self._timer_at = at
-        if at is not None:
-            self._timer = self.loop.call_at(at, self._on_timer)
+        self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

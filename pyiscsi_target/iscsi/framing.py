@@ -97,8 +97,8 @@ class PduReader:
             want = _digest.digest_value(memoryview(buf)[pos:pos + BHS_LEN + ahs_len])
             if got != want:
                 raise HeaderDigestError("header digest mismatch", RejectReason.PROTOCOL_ERROR)
-        raw = bytes(buf[pos:pos + BHS_LEN])
-        ahs = bytes(buf[pos + BHS_LEN:pos + BHS_LEN + ahs_len])
+        raw = bytes(memoryview(buf)[pos:pos + BHS_LEN])
+        ahs = bytes(buf[pos + BHS_LEN:pos + BHS_LEN + ahs_len]) if ahs_len else b""
         padded = dlen + (-dlen % 4)
         ddlen = DIGEST_LEN if (self.data_digest and dlen) else 0
         if dlen > self.max_data_len:
@@ -121,7 +121,8 @@ class PduReader:
         if avail < total:
             return None
         dstart = pos + hlen
-        data = bytes(buf[dstart:dstart + dlen])
+        # One copy out of the receive buffer (slicing the bytearray first would be two).
+        data = bytes(memoryview(buf)[dstart:dstart + dlen]) if dlen else b""
         ok = True
         if ddlen:
             got = _digest.unpack_digest(buf, dstart + padded)

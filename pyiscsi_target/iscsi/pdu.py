@@ -21,6 +21,7 @@ sent as zero and ignored on receipt (§11.2.1.1).
 from __future__ import annotations
 
 import enum
+import operator
 import struct
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -126,7 +127,7 @@ class _Bhs:
         """The 48-byte BHS; ``data_len`` overrides DataSegmentLength."""
         if data_len is not None:
             self.ahs_dsl = ((ahs_len // 4) << 24) | data_len
-        return self._S.pack(*[getattr(self, n) for n in self._names])
+        return self._S.pack(*self._values(self))
 
     @classmethod
     def decode(cls, buf, offset: int = 0):
@@ -141,6 +142,7 @@ def _pdu(opcode: Opcode, fmt: str):
         cls.OPCODE = opcode
         cls._S = struct.Struct(fmt)
         cls._names = tuple(f.name for f in fields(cls))
+        cls._values = operator.attrgetter(*cls._names)   # one C call gathers every field
         assert cls._S.size == BHS_LEN, (cls.__name__, cls._S.size)
         assert len(cls._names) == len(cls._S.unpack(bytes(BHS_LEN))), cls.__name__
         return cls

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from .command import Nexus, ScsiResult, ScsiTask, Status, TmfResponse
 from .context import Command
@@ -28,11 +29,29 @@ log = logging.getLogger(__name__)
 class ScsiTargetDevice:
     """The SCSI target device behind one iSCSI target: its LUs, UA queues, task sets."""
 
-    def __init__(self, name: str, luns: dict[int, LogicalUnit]) -> None:
+    def __init__(self, name: str, luns: dict[int, LogicalUnit], lun_view=None) -> None:
         self.name = name
         self.luns = luns
         self.commands: dict[int, OpSpec | ServiceActions] = COMMANDS
         self._nexuses: set[Nexus] = set()
+        # LUN masking: lun_view(nexus) -> the LUN ids that nexus may see, or
+        # None for all.  Decided once per nexus; a masked LUN does not exist
+        # for that nexus (REPORT LUNS, commands, task management).
+        self.lun_view = lun_view
+        self._views: dict[Nexus, frozenset[int]] = {}
+
+    def lu_for(self, nexus: Nexus, lun: int) -> LogicalUnit | None:
+        """The LU a nexus addresses as ``lun``; None if absent or masked."""
+        lu = self.luns.get(lun)
+        if lu is not None and self._views:
+            view = self._views.get(nexus)
+            if view is not None and lun not in view:
+                return None
+        return lu
+
+    def visible_luns(self, nexus: Nexus) -> list[int]:
+        view = self._views.get(nexus)
+        return sorted(self.luns if view is None else (l for l in self.luns if l in view))
 
     # --- I_T nexus life cycle ---------------------------------------------------
 
@@ -40,6 +59,10 @@ class ScsiTargetDevice:
         """A new I_T nexus: every LU reports POWER ON, RESET, OR BUS DEVICE
         RESET OCCURRED (29/00) to it first (SAM-5 §6.3.1)."""
         self._nexuses.add(nexus)
+        if self.lun_view is not None:
+            view = self.lun_view(nexus)
+            if view is not None:
+                self._views[nexus] = frozenset(view)
         for lu in self.luns.values():
             lu.unit_attentions.add_nexus(nexus)
 
@@ -47,6 +70,7 @@ class ScsiTargetDevice:
         """I_T nexus loss: forget its UAs and release its SPC-2 reservations
         (SPC-2 §5.5.3: a reservation does not survive the nexus)."""
         self._nexuses.discard(nexus)
+        self._views.pop(nexus, None)
         for lu in self.luns.values():
             lu.unit_attentions.remove_nexus(nexus)
             if lu.reserved_by == nexus:
@@ -59,6 +83,8 @@ class ScsiTargetDevice:
         CONDITION with exact sense instead); raises CancelledError when
         aborted by a task management function."""
         lu = self.luns.get(task.lun)
+        if lu is not None and self._views:
+            lu = self.lu_for(task.nexus, task.lun)
         if lu is None:
             return await self._dispatch(task, None)
         entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
@@ -71,6 +97,42 @@ class ScsiTargetDevice:
             return await runner
         finally:
             lu.tasks.end(entry)
+
+    def submit(self, task: ScsiTask, done: Callable[[ScsiResult | None], None]) -> asyncio.Future:
+        """Start a command without awaiting it: ``done(result)`` runs when it
+        ends, ``done(None)`` when a task management function aborted it.
+
+        The fabric's fast path: one asyncio task per command, where awaiting
+        :meth:`execute` from a task of the fabric's own would cost two.
+        """
+        loop = asyncio.get_running_loop()
+        lu = self.luns.get(task.lun)
+        if lu is None:
+            runner = loop.create_task(self._dispatch(task, None))
+        else:
+            entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
+            if entry is None:
+                # SAM-5 §5.10: a tag already in use on this nexus.
+                fut = loop.create_future()
+                fut.set_result(None)
+                done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.OVERLAPPED_COMMANDS_ATTEMPTED)))
+                return fut
+            runner = loop.create_task(self._run(lu, entry, task))
+            entry.task = runner
+
+        def finished(t: asyncio.Task) -> None:
+            if t.cancelled():
+                done(None)
+                return
+            exc = t.exception()
+            if exc is not None:  # _dispatch maps every error; this is a bug
+                log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
+                done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
+                return
+            done(t.result())
+
+        runner.add_done_callback(finished)
+        return runner
 
     async def _run(self, lu: LogicalUnit, entry: TaskEntry, task: ScsiTask) -> ScsiResult:
         try:
@@ -108,7 +170,7 @@ class ScsiTargetDevice:
     # --- task management (SAM-5 §7) ---------------------------------------------
 
     async def abort_task(self, nexus: Nexus, lun: int, tag: int) -> TmfResponse:
-        lu = self.luns.get(lun)
+        lu = self.lu_for(nexus, lun)
         if lu is None:
             return TmfResponse.LUN_DOES_NOT_EXIST
         entry = lu.tasks.find(nexus, tag)
@@ -119,7 +181,7 @@ class ScsiTargetDevice:
 
     async def abort_task_set(self, nexus: Nexus, lun: int) -> TmfResponse:
         """SAM-5 §7.3: every task of this I_T nexus on the LU."""
-        lu = self.luns.get(lun)
+        lu = self.lu_for(nexus, lun)
         if lu is None:
             return TmfResponse.LUN_DOES_NOT_EXIST
         await TaskSet.abort(lu.tasks.select(lambda e: e.nexus == nexus))
@@ -129,7 +191,7 @@ class ScsiTargetDevice:
         """SAM-5 §7.4: every task on the LU, from every nexus.  With TAS=0,
         each other nexus that lost a task gets COMMANDS CLEARED BY ANOTHER
         INITIATOR (2F/00)."""
-        lu = self.luns.get(lun)
+        lu = self.lu_for(nexus, lun)
         if lu is None:
             return TmfResponse.LUN_DOES_NOT_EXIST
         entries = lu.tasks.select()
@@ -146,7 +208,7 @@ class ScsiTargetDevice:
     async def lun_reset(self, nexus: Nexus, lun: int) -> TmfResponse:
         """SAM-5 §7.8: abort every task on the LU (all nexuses), release the
         SCSI-2 reservation, UA 29/03 to the other nexuses."""
-        lu = self.luns.get(lun)
+        lu = self.lu_for(nexus, lun)
         if lu is None:
             return TmfResponse.LUN_DOES_NOT_EXIST
         entries = self._reset_lu(lu)

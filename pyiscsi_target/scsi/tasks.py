@@ -36,10 +36,11 @@ class TaskEntry:
 class TaskSet:
     """Tasks registered on one LU, oldest first (dicts keep insertion order)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_ordered")
 
     def __init__(self) -> None:
         self._entries: dict[tuple[Nexus, int], TaskEntry] = {}
+        self._ordered = 0   # ORDERED tasks in the set: none (the usual case) means no scan
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -53,10 +54,14 @@ class TaskSet:
             waits: tuple[TaskEntry, ...] = ()
         elif attribute == TaskAttribute.ORDERED:
             waits = tuple(self._entries.values())
-        else:  # SIMPLE, UNTAGGED, ACA: only older ORDERED tasks block them
+        elif self._ordered:  # SIMPLE, UNTAGGED, ACA: only older ORDERED tasks block them
             waits = tuple(e for e in self._entries.values() if e.attribute == TaskAttribute.ORDERED)
+        else:
+            waits = ()
         entry = TaskEntry(nexus, tag, attribute, waits)
         self._entries[key] = entry
+        if attribute == TaskAttribute.ORDERED:
+            self._ordered += 1
         return entry
 
     @staticmethod
@@ -70,6 +75,8 @@ class TaskSet:
         """Idempotent: the entry leaves the set and wakes tasks waiting on it."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+            if entry.attribute == TaskAttribute.ORDERED:
+                self._ordered -= 1
         entry.done.set()
 
     def find(self, nexus: Nexus, tag: int) -> TaskEntry | None:
