@@ -15,6 +15,9 @@ import sys
 from functools import partial
 
 from .iscsi.connection import Close, Execute, IscsiConnection, SessionStarted, TaskManagement, TmfFunction
+from .iscsi.acl import AccessList
+from .iscsi.chap import ALGORITHM_NAMES, ChapCredentials
+from .iscsi.limits import ConnectionLimiter
 from .iscsi.session import PortalContext, TargetEntry
 from .scsi.command import TmfResponse
 
@@ -47,6 +50,20 @@ def offers_from_config(c) -> dict[str, str]:
     }
 
 
+def chap_credentials(c) -> ChapCredentials | None:
+    """``[target.chap]`` / ``[discovery.chap]`` config → what the login checks."""
+    if c is None:
+        return None
+    return ChapCredentials(c.user, c.secret.encode(), c.mutual_user,
+                           c.mutual_secret.encode() if c.mutual_secret is not None else None,
+                           tuple(ALGORITHM_NAMES[a] for a in c.algorithms))
+
+
+def access_list(t) -> AccessList | None:
+    inits, nets = getattr(t, "allow_initiators", ()), getattr(t, "allow_networks", ())
+    return AccessList.build(inits, nets) if inits or nets else None
+
+
 class IscsiProtocol(asyncio.Protocol):
     def __init__(self, server: "TargetServer"):
         self.server = server
@@ -65,14 +82,22 @@ class IscsiProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         local = transport.get_extra_info("sockname")[:2]
         peer = transport.get_extra_info("peername")[:2]
+        if not self.server.admit(self, peer):      # connection limits (security)
+            transport.abort()
+            return
         self.conn = IscsiConnection(self.server.ctx, local, peer, self.loop.time())
         self.conn.protocol = self
         self.server.protocols.add(self)
+        self.server.slow_down(self)                # after refused logins from this source
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data, self.loop.time())
         self._pump()
+        # Everything this chunk of input produced (R2Ts, NOP-Ins, ...) is
+        # already one batch: send it now rather than a loop iteration later.
+        if self._wq:
+            self._flush()
 
     def pause_writing(self) -> None:
         self.transport.pause_reading()
@@ -88,6 +113,7 @@ class IscsiProtocol(asyncio.Protocol):
         conn = self.conn
         if conn is None:
             return
+        self.server.forget(self)
         if conn.phase.value != "closed":
             conn.close("connection lost")
             conn.take_actions()
@@ -148,6 +174,10 @@ class IscsiProtocol(asyncio.Protocol):
         else:
             self.conn.scsi_done(itt, result)
         self._pump()
+        if len(self.tasks) <= 1 and self._wq:
+            # Nothing else in flight (this command's task is still counted):
+            # no batch to wait for, answer now (queue depth 1 latency).
+            self._flush()
 
     async def _task_management(self, a: TaskManagement) -> None:
         dev, nexus, lun = a.device, a.nexus, a.lun
@@ -209,13 +239,52 @@ class TargetServer:
         self.config = config
         self.devices = devices
         srv = config.server
-        targets = {t.iqn: TargetEntry(t.iqn, devices[t.iqn], t.alias) for t in config.targets}
+        targets = {t.iqn: TargetEntry(t.iqn, devices[t.iqn], t.alias, chap=chap_credentials(t.chap),
+                                      acl=access_list(t)) for t in config.targets}
         self.ctx = PortalContext(targets=targets, offers=offers_from_config(config.iscsi),
                                  portals=list(srv.listen), nop_interval=srv.nop_interval,
                                  nop_timeout=srv.nop_timeout, login_timeout=srv.login_timeout,
-                                 max_sessions=srv.max_sessions)
+                                 max_sessions=srv.max_sessions,
+                                 discovery_chap=chap_credentials(getattr(config, "discovery_chap", None)))
+        self.limiter = ConnectionLimiter(getattr(srv, "max_connections_total", 1024),
+                                         getattr(srv, "max_connections_per_address", 64),
+                                         getattr(srv, "login_failure_delay", 1.0))
         self.protocols: set[IscsiProtocol] = set()
         self.servers: list[asyncio.base_events.Server] = []
+
+    # -- admission limits (iscsi/limits.py) ---------------------------------------
+    def admit(self, proto: IscsiProtocol, peer) -> bool:
+        why = self.limiter.admit(peer[0])
+        if why is None:
+            return True
+        if self.limiter.should_log(peer[0], proto.loop.time()):
+            log.warning("connection refused: %s: %s", _fmt_addr(peer), why)
+        return False
+
+    def slow_down(self, proto: IscsiProtocol) -> None:
+        conn = proto.conn
+        delay = self.limiter.delay(conn.peer[0], proto.loop.time())
+        if delay <= 0:
+            return
+        # Read nothing from this source for a while: a password guesser gets
+        # one try per delay per connection, and the connection limit caps those.
+        proto.transport.pause_reading()
+        conn.login_deadline += delay
+
+        def resume():
+            if not proto.transport.is_closing() and conn.phase.value == "login":
+                proto.transport.resume_reading()
+        proto.loop.call_later(delay, resume)
+
+    def forget(self, proto: IscsiProtocol) -> None:
+        conn = proto.conn
+        host = conn.peer[0]
+        self.limiter.release(host)
+        failure = conn.login.failure
+        if failure is not None:
+            self.limiter.login_failed(host, failure.status, proto.loop.time())
+        elif conn.session is not None:
+            self.limiter.login_succeeded(host)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -247,6 +316,8 @@ def _fmt_addr(a) -> str:
 async def serve(config, *, stop: asyncio.Event | None = None) -> int:
     from .assemble import build_devices
 
+    for warning in getattr(config, "warnings", ()):
+        log.warning("config: %s", warning)
     devices = await build_devices(config)
     server = TargetServer(config, devices)
     try:
