@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..storage.base import Backend
 from .command import Nexus
+from .pr import PersistentReservations
 from .tasks import TaskSet
 from .ua import UnitAttentions
 
@@ -135,6 +136,7 @@ class LogicalUnit:
         rotation_rate: int = 0,
         physical_block_exponent: int = 0,
         max_transfer_bytes: int = 32 * 1024 * 1024,
+        pr: PersistentReservations | None = None,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1):
             raise ValueError("block_size must be a power of two >= 512")
@@ -163,9 +165,13 @@ class LogicalUnit:
         self.tasks = TaskSet()
         self.unit_attentions = UnitAttentions()
         self.write_gate = WriteGate()
-        # SPC-2 RESERVE(6)/(10) holder; the persistent reservation state of a
-        # later issue lives next to it (scsi/pr.py).
+        # SPC-2 RESERVE(6)/(10) holder.
         self.reserved_by: Nexus | None = None
+        # SPC-4 §5.12 persistent reservations (registrations survive nexus
+        # loss and resets; with APTPL also restarts, through ``pr.persist``).
+        self.pr = pr if pr is not None else PersistentReservations()
+        # PR OUT commands run one at a time (persist, then commit).
+        self.pr_lock = asyncio.Lock()
 
     @property
     def num_blocks(self) -> int:

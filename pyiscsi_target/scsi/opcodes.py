@@ -23,10 +23,11 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from . import mode, sbc, spc
+from . import mode, sbc, spc, spc_pr
 from .command import ScsiResult, Status
 from .context import Command, Reply
 from .lun import LogicalUnit
+from .pr import PrConflict
 from .sense import Reason, ScsiError
 
 __all__ = ["DataDirection", "OpSpec", "ServiceActions", "COMMANDS", "PRE_DISPATCH", "resolve"]
@@ -38,14 +39,6 @@ class DataDirection(enum.IntEnum):
     NONE = 0
     IN = 1  # Data-In: target to initiator
     OUT = 2  # Data-Out: initiator to target
-
-
-class PrConflict(enum.Flag):
-    """Placeholder for the persistent-reservation conflict class of a command
-    (SPC-4 §5.9.1 table 49: which reservation types block it for
-    non-registrants / registrants).  Filled in by the PR issue; unused now."""
-
-    NONE = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +55,11 @@ class OpSpec:
     no_lun_ok: bool = False
     # Allowed from other nexuses while an SPC-2 RESERVE is held (SPC-2 §5.5.1).
     scsi2_allowed: bool = False
-    # Persistent reservation conflict class (later issue; see PrConflict).
-    pr_conflict: PrConflict | None = None
+    # Persistent reservation conflict class: its row in SPC-4 §5.12.1 table 63
+    # (see pr.PrConflict), or a function of the CDB for the commands whose row
+    # depends on a field (START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL).
+    # None = not classified: treated as WRITE (conflicts wherever anything does).
+    pr_conflict: PrConflict | Callable[[bytes], PrConflict] | None = None
     # None: always supported; else whether this LU supports it (e.g. UNMAP only when thin).
     supported: Callable[[LogicalUnit], bool] | None = None
     # Command timeouts descriptor (SPC-4 §6.35.4): nominal, recommended, seconds.
@@ -91,61 +87,101 @@ def _thin(lu: LogicalUnit) -> bool:
 
 
 IN, OUT = DataDirection.IN, DataDirection.OUT
+_ANY, _RD, _WR, _RSV = PrConflict.NONE, PrConflict.READ, PrConflict.WRITE, PrConflict.ANY_REGISTRATION
+
+
+def _start_stop_pr(cdb: bytes) -> PrConflict:
+    """SBC-3 §4.17 table 13: START=1 with POWER CONDITION 0 is allowed; any
+    other START STOP UNIT changes the LU's state for every nexus."""
+    return _ANY if cdb[4] & 0x01 and not cdb[4] >> 4 else _WR
+
+
+def _prevent_allow_pr(cdb: bytes) -> PrConflict:
+    """SPC-4 §5.12.1 table 63: PREVENT=00b (allow removal) is allowed, else conflicts."""
+    return _WR if cdb[4] & 0x03 else _ANY
 
 # Control byte usage is 00h: NACA and LINK are not supported (INQUIRY NORMACA=0).
 _SPECS: tuple[OpSpec, ...] = (
     # --- SPC-4 --------------------------------------------------------------
-    OpSpec(0x00, "TEST UNIT READY", spc.test_unit_ready, _u("00 00 00 00 00 00")),
+    OpSpec(0x00, "TEST UNIT READY", spc.test_unit_ready, _u("00 00 00 00 00 00"), pr_conflict=_ANY),
     OpSpec(0x03, "REQUEST SENSE", spc.request_sense, _u("03 00 00 00 FF 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0x12, "INQUIRY", spc.inquiry, _u("12 01 FF FF FF 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True),
-    OpSpec(0x15, "MODE SELECT(6)", mode.mode_select6, _u("15 11 00 00 FF 00"), OUT),
-    OpSpec(0x16, "RESERVE(6)", spc.reserve, _u("16 00 00 00 00 00")),
-    OpSpec(0x17, "RELEASE(6)", spc.release, _u("17 00 00 00 00 00"), scsi2_allowed=True),
-    OpSpec(0x1A, "MODE SENSE(6)", mode.mode_sense6, _u("1A 08 FF FF FF 00"), IN),
-    OpSpec(0x1B, "START STOP UNIT", spc.start_stop_unit, _u("1B 01 00 0F F7 00")),
-    OpSpec(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", spc.prevent_allow_medium_removal, _u("1E 00 00 00 03 00")),
-    OpSpec(0x55, "MODE SELECT(10)", mode.mode_select10, _u("55 11 00 00 00 00 00 FF FF 00"), OUT),
-    OpSpec(0x56, "RESERVE(10)", spc.reserve, _u("56 00 00 00 00 00 00 00 00 00")),
-    OpSpec(0x57, "RELEASE(10)", spc.release, _u("57 00 00 00 00 00 00 00 00 00"), scsi2_allowed=True),
-    OpSpec(0x5A, "MODE SENSE(10)", mode.mode_sense10, _u("5A 18 FF FF 00 00 00 FF FF 00"), IN),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x15, "MODE SELECT(6)", mode.mode_select6, _u("15 11 00 00 FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x16, "RESERVE(6)", spc.reserve, _u("16 00 00 00 00 00"), pr_conflict=_RSV),
+    OpSpec(0x17, "RELEASE(6)", spc.release, _u("17 00 00 00 00 00"), scsi2_allowed=True, pr_conflict=_RSV),
+    OpSpec(0x1A, "MODE SENSE(6)", mode.mode_sense6, _u("1A 08 FF FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x1B, "START STOP UNIT", spc.start_stop_unit, _u("1B 01 00 0F F7 00"), pr_conflict=_start_stop_pr),
+    OpSpec(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", spc.prevent_allow_medium_removal, _u("1E 00 00 00 03 00"), pr_conflict=_prevent_allow_pr),
+    OpSpec(0x55, "MODE SELECT(10)", mode.mode_select10, _u("55 11 00 00 00 00 00 FF FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x56, "RESERVE(10)", spc.reserve, _u("56 00 00 00 00 00 00 00 00 00"), pr_conflict=_RSV),
+    OpSpec(0x57, "RELEASE(10)", spc.release, _u("57 00 00 00 00 00 00 00 00 00"), scsi2_allowed=True, pr_conflict=_RSV),
+    OpSpec(0x5A, "MODE SENSE(10)", mode.mode_sense10, _u("5A 18 FF FF 00 00 00 FF FF 00"), IN, pr_conflict=_RD),
+    # SPC-4 §6.16/§6.17.  PR IN/OUT are allowed under every persistent
+    # reservation (table 63); the service action itself decides.  PR IN also
+    # passes an SPC-2 reservation: Windows must always be able to read
+    # reservations (windows-initiator.md §5.8), PR OUT does not (SPC-2 §5.5.1).
+    OpSpec(0x5E, "PERSISTENT RESERVE IN (READ KEYS)", spc_pr.persistent_reserve_in,
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x00, scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x5E, "PERSISTENT RESERVE IN (READ RESERVATION)", spc_pr.persistent_reserve_in,
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x01, scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x5E, "PERSISTENT RESERVE IN (REPORT CAPABILITIES)", spc_pr.persistent_reserve_in,
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x02, scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x5E, "PERSISTENT RESERVE IN (READ FULL STATUS)", spc_pr.persistent_reserve_in,
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x03, scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER)", spc_pr.persistent_reserve_out,
+           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x00, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (RESERVE)", spc_pr.persistent_reserve_out,
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x01, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (RELEASE)", spc_pr.persistent_reserve_out,
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x02, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (CLEAR)", spc_pr.persistent_reserve_out,
+           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x03, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT)", spc_pr.persistent_reserve_out,
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x04, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT AND ABORT)", spc_pr.persistent_reserve_out,
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x05, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND IGNORE EXISTING KEY)", spc_pr.persistent_reserve_out,
+           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x06, pr_conflict=_ANY),
+    OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND MOVE)", spc_pr.persistent_reserve_out,
+           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x07, pr_conflict=_ANY),
     OpSpec(0xA0, "REPORT LUNS", spc.report_luns, _u("A0 00 FF 00 00 00 FF FF FF FF 00 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0xA3, "REPORT SUPPORTED OPERATION CODES", spc.report_supported_operation_codes,
-           _u("A3 1F 87 FF FF FF FF FF FF FF 00 00"), IN, service_action=0x0C),
+           _u("A3 1F 87 FF FF FF FF FF FF FF 00 00"), IN, service_action=0x0C, pr_conflict=_ANY),
     # --- SBC-3 --------------------------------------------------------------
-    OpSpec(0x08, "READ(6)", sbc.read, _u("08 1F FF FF FF 00"), IN),
-    OpSpec(0x0A, "WRITE(6)", sbc.write, _u("0A 1F FF FF FF 00"), OUT),
+    OpSpec(0x08, "READ(6)", sbc.read, _u("08 1F FF FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x0A, "WRITE(6)", sbc.write, _u("0A 1F FF FF FF 00"), OUT, pr_conflict=_WR),
     OpSpec(0x25, "READ CAPACITY(10)", sbc.read_capacity10, _u("25 00 FF FF FF FF 00 00 01 00"), IN,
-           scsi2_allowed=True),
-    OpSpec(0x28, "READ(10)", sbc.read, _u("28 1C FF FF FF FF 1F FF FF 00"), IN),
-    OpSpec(0x2A, "WRITE(10)", sbc.write, _u("2A 18 FF FF FF FF 1F FF FF 00"), OUT),
-    OpSpec(0x2E, "WRITE AND VERIFY(10)", sbc.write_and_verify, _u("2E 16 FF FF FF FF 1F FF FF 00"), OUT),
-    OpSpec(0x2F, "VERIFY(10)", sbc.verify, _u("2F 16 FF FF FF FF 1F FF FF 00"), OUT),
-    OpSpec(0x34, "PRE-FETCH(10)", sbc.pre_fetch, _u("34 02 FF FF FF FF 1F FF FF 00")),
-    OpSpec(0x35, "SYNCHRONIZE CACHE(10)", sbc.synchronize_cache, _u("35 02 FF FF FF FF 1F FF FF 00")),
-    OpSpec(0x41, "WRITE SAME(10)", sbc.write_same, _u("41 08 FF FF FF FF 1F FF FF 00"), OUT),
-    OpSpec(0x42, "UNMAP", sbc.unmap, _u("42 00 00 00 00 00 1F FF FF 00"), OUT, supported=_thin),
-    OpSpec(0x88, "READ(16)", sbc.read, _u("88 1C FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), IN),
+           scsi2_allowed=True, pr_conflict=_ANY),
+    OpSpec(0x28, "READ(10)", sbc.read, _u("28 1C FF FF FF FF 1F FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x2A, "WRITE(10)", sbc.write, _u("2A 18 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x2E, "WRITE AND VERIFY(10)", sbc.write_and_verify, _u("2E 16 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x2F, "VERIFY(10)", sbc.verify, _u("2F 16 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_RD),
+    OpSpec(0x34, "PRE-FETCH(10)", sbc.pre_fetch, _u("34 02 FF FF FF FF 1F FF FF 00"), pr_conflict=_RD),
+    OpSpec(0x35, "SYNCHRONIZE CACHE(10)", sbc.synchronize_cache, _u("35 02 FF FF FF FF 1F FF FF 00"), pr_conflict=_WR),
+    OpSpec(0x41, "WRITE SAME(10)", sbc.write_same, _u("41 08 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x42, "UNMAP", sbc.unmap, _u("42 00 00 00 00 00 1F FF FF 00"), OUT, supported=_thin, pr_conflict=_WR),
+    OpSpec(0x88, "READ(16)", sbc.read, _u("88 1C FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD),
     OpSpec(0x89, "COMPARE AND WRITE", sbc.compare_and_write,
-           _u("89 18 FF FF FF FF FF FF FF FF 00 00 00 FF 1F 00"), OUT),
-    OpSpec(0x8A, "WRITE(16)", sbc.write, _u("8A 18 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT),
+           _u("89 18 FF FF FF FF FF FF FF FF 00 00 00 FF 1F 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x8A, "WRITE(16)", sbc.write, _u("8A 18 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0x8E, "WRITE AND VERIFY(16)", sbc.write_and_verify,
-           _u("8E 16 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT),
-    OpSpec(0x8F, "VERIFY(16)", sbc.verify, _u("8F 16 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT),
-    OpSpec(0x90, "PRE-FETCH(16)", sbc.pre_fetch, _u("90 02 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00")),
+           _u("8E 16 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x8F, "VERIFY(16)", sbc.verify, _u("8F 16 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_RD),
+    OpSpec(0x90, "PRE-FETCH(16)", sbc.pre_fetch, _u("90 02 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), pr_conflict=_RD),
     OpSpec(0x91, "SYNCHRONIZE CACHE(16)", sbc.synchronize_cache,
-           _u("91 02 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00")),
-    OpSpec(0x93, "WRITE SAME(16)", sbc.write_same, _u("93 09 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT),
+           _u("91 02 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), pr_conflict=_WR),
+    OpSpec(0x93, "WRITE SAME(16)", sbc.write_same, _u("93 09 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0x9E, "READ CAPACITY(16)", sbc.read_capacity16, _u("9E 1F FF FF FF FF FF FF FF FF FF FF FF FF 01 00"),
-           IN, service_action=0x10, scsi2_allowed=True),
+           IN, service_action=0x10, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0x9E, "GET LBA STATUS", sbc.get_lba_status, _u("9E 1F FF FF FF FF FF FF FF FF FF FF FF FF 00 00"),
-           IN, service_action=0x12, supported=_thin),
-    OpSpec(0xA8, "READ(12)", sbc.read, _u("A8 1C FF FF FF FF FF FF FF FF 1F 00"), IN),
-    OpSpec(0xAA, "WRITE(12)", sbc.write, _u("AA 18 FF FF FF FF FF FF FF FF 1F 00"), OUT),
-    OpSpec(0xAE, "WRITE AND VERIFY(12)", sbc.write_and_verify, _u("AE 16 FF FF FF FF FF FF FF FF 1F 00"), OUT),
-    OpSpec(0xAF, "VERIFY(12)", sbc.verify, _u("AF 16 FF FF FF FF FF FF FF FF 1F 00"), OUT),
+           IN, service_action=0x12, supported=_thin, pr_conflict=_RD),
+    OpSpec(0xA8, "READ(12)", sbc.read, _u("A8 1C FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD),
+    OpSpec(0xAA, "WRITE(12)", sbc.write, _u("AA 18 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
+    OpSpec(0xAE, "WRITE AND VERIFY(12)", sbc.write_and_verify, _u("AE 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
+    OpSpec(0xAF, "VERIFY(12)", sbc.verify, _u("AF 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_RD),
 )
 
 
@@ -252,9 +288,21 @@ def check_scsi2_reservation(cmd: Command) -> ScsiResult | None:
 
 
 def check_persistent_reservation(cmd: Command) -> ScsiResult | None:
-    """Hook for SPC-4 §5.9 persistent reservations (scsi/pr.py, later issue):
-    decide from ``cmd.spec.pr_conflict`` and the LU's PR state.  No PR state
-    exists yet, so nothing conflicts."""
+    """SPC-4 §5.12.1: RESERVATION CONFLICT when the command's row of table 63
+    (``cmd.spec.pr_conflict``) conflicts with the LU's persistent reservation
+    for this I_T nexus.  Without registrations nothing can conflict, which
+    keeps the common path to one attribute test."""
+    lu = cmd.lu
+    if lu is None or not lu.pr.state.registrations:
+        return None
+    assert cmd.spec is not None
+    conflict = cmd.spec.pr_conflict
+    if conflict is None:
+        conflict = PrConflict.WRITE
+    elif not isinstance(conflict, PrConflict):
+        conflict = conflict(cmd.cdb)
+    if lu.pr.conflicts(cmd.nexus, conflict):
+        return ScsiResult(status=Status.RESERVATION_CONFLICT)
     return None
 
 

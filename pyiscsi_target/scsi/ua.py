@@ -30,10 +30,22 @@ class UnitAttentions:
         self._queues: dict[Nexus, deque[Reason]] = {}
 
     def add_nexus(self, nexus: Nexus, reason: Reason | None = Reason.POWER_ON_RESET_OR_BUS_DEVICE_RESET) -> None:
-        """A new I_T nexus sees the LU for the first time (SAM-5 §6.3.1)."""
+        """A new I_T nexus sees the LU for the first time (SAM-5 §6.3.1).
+
+        Conditions established while the nexus was absent (persistent
+        reservation UAs go to registered nexuses whether connected or not,
+        SPC-4 §5.12.11.4) are kept and reported after the reset condition:
+        a preempted Windows node learns REGISTRATIONS PREEMPTED on return."""
+        waiting: list[Reason] = []
+        ports = (nexus.initiator_port.lower(), nexus.target_port.lower())
+        for known in list(self._queues):
+            if (known.initiator_port.lower(), known.target_port.lower()) == ports:
+                waiting += [r for r in self._queues.pop(known) if not r.is_reset and r not in waiting]
         self._queues[nexus] = deque()
         if reason is not None:
             self.establish(nexus, reason)
+        for r in waiting:
+            self.establish(nexus, r)
 
     def remove_nexus(self, nexus: Nexus) -> None:
         self._queues.pop(nexus, None)
