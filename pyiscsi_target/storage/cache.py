@@ -223,6 +223,8 @@ class CachedBackend:
         self.write_cache = self._write_back
         if journal is None:
             self.set_write_cache = self._set_write_cache  # WCE changeable (MODE SELECT)
+        else:
+            journal.on_full = self._wake_for_journal
         limit = dirty_limit if dirty_limit is not None else budget.size // 2
         # A LUN can never hold more dirty data than the budget, and needs
         # room for a few batches to make progress.
@@ -621,6 +623,9 @@ class CachedBackend:
 
     _pressure = False
 
+    def _wake_for_journal(self) -> None:
+        self._wake.set()
+
     def _pick(self, now: float) -> list[int] | None:
         """The next background batch, sorted by offset, or None to wait."""
         dirty, pages = self._dirty, self._pages
@@ -660,6 +665,20 @@ class CachedBackend:
             now = time.monotonic()
             self._wake.clear()
             batch = self._pick(now)
+            if batch is None and self.journal is not None and self.journal.needs_room():
+                # Nothing dirty holds the tail, yet the journal is full:
+                # only the tail needs moving (writers may be waiting on it).
+                try:
+                    await self._advance_journal()
+                except Exception as e:  # noqa: BLE001
+                    log.error("%s: journal tail update failed: %s", self.name, e)
+                    if self._error is None:
+                        self._error = e if isinstance(e, StorageError) else StorageError(errno.EIO, str(e))
+                    await asyncio.sleep(self._retry_delay)
+                    continue
+                if self.journal.needs_room() and not self._dirty:
+                    await self._wake.wait()
+                continue
             if batch is None:
                 timeout = None
                 if self._dirty:
@@ -675,7 +694,7 @@ class CachedBackend:
                     batch = [i for i in batch if i in self._dirty]  # a flush may have beaten us
                     if batch:
                         await self._write_out(batch)
-                if self.journal is not None and batch:
+                if self.journal is not None and batch and (self.journal.needs_room() or not self._dirty):
                     await self._advance_journal()
                 self._retry_delay = RETRY_MIN
             except asyncio.CancelledError:
