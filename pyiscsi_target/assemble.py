@@ -60,6 +60,41 @@ async def open_lun(config: Config, iqn: str, lun: LunConfig) -> tuple[FileBacken
     return backend, ident
 
 
+async def add_cache(config: Config, iqn: str, lun: LunConfig, backend, budget):
+    """Put the LUN's write-back / write-through cache (and journal) in front
+    of its image.  A journal left by a crash is replayed onto the image here,
+    before any initiator can read it."""
+    from .storage.cache import CachedBackend
+    from .storage.journal import Journal
+
+    where = f"{config.source}: target {iqn} LUN {lun.id}"
+    journal = None
+    if lun.journal is not None:
+        try:
+            journal = await asyncio.to_thread(Journal.open, lun.journal, lun.journal_size, backend.size)
+            n, nbytes = await journal.replay(backend)
+        except (StorageError, OSError) as e:
+            if journal is not None:
+                await journal.close()
+            raise AssembleError(f"{where}: journal: {e}") from e
+        if n:
+            log.warning("target %s LUN %d: %d journal records (%s) replayed from %s", iqn, lun.id, n,
+                        format_size(nbytes), lun.journal)
+    cache = CachedBackend(
+        backend,
+        budget,
+        mode=lun.cache,
+        dirty_limit=lun.dirty_limit,
+        max_dirty_age=lun.max_dirty_age,
+        journal=journal,
+        name=f"{iqn} LUN {lun.id}",
+    )
+    cache.start()
+    log.info("target %s LUN %d: cache %s%s (dirty limit %s, max dirty age %gs)", iqn, lun.id, cache.mode,
+             f", journal {lun.journal}" if journal else "", format_size(cache.dirty_limit), lun.max_dirty_age)
+    return cache
+
+
 async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
     """Open every LUN and build one SCSI target device per configured target.
 
@@ -70,7 +105,8 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
     from .scsi.lun import LogicalUnit, LuIdentity
     from .scsi.target import ScsiTargetDevice
 
-    opened: list[FileBackend] = []
+    opened: list = []  # FileBackend or CachedBackend (closing it closes the image)
+    budget = None  # one [cache] budget shared by every cached LUN
     devices: dict[str, ScsiTargetDevice] = {}
     try:
         for t in config.targets:
@@ -78,6 +114,12 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
             for lc in t.luns:
                 backend, ident = await open_lun(config, t.iqn, lc)
                 opened.append(backend)
+                if lc.cache != "none" and not lc.read_only:
+                    if budget is None:
+                        from .storage.cache import CacheBudget
+
+                        budget = CacheBudget(config.cache.size)
+                    opened[-1] = backend = await add_cache(config, t.iqn, lc, backend, budget)
                 try:
                     luns[lc.id] = LogicalUnit(
                         lc.id,

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
+    "CACHE_MODES",
+    "CacheConfig",
     "Config",
     "ConfigError",
     "IscsiConfig",
@@ -81,6 +83,22 @@ class IscsiConfig:
     max_connections: int = 1
 
 
+CACHE_MODES = ("write-back", "write-through", "none")
+MIN_CACHE_SIZE = 16 << 20  # two write-out batches and room to go on (storage/cache.py)
+MIN_JOURNAL_SIZE = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """``[cache]``: the memory shared by every cached LUN, and the defaults
+    of the per-LUN cache keys."""
+
+    size: int = 256 << 20  # bytes, shared by all LUNs (data + bookkeeping)
+    mode: str = "none"  # for LUNs that do not set ``cache``
+    max_dirty_age: float = 5.0  # seconds
+    dirty_limit: int | None = None  # bytes per LUN; None = half of size
+
+
 @dataclass(frozen=True, slots=True)
 class LunConfig:
     id: int
@@ -91,6 +109,11 @@ class LunConfig:
     read_only: bool = False
     serial: str | None = None
     rotation_rate: int = 0  # 0 not reported, 1 non-rotating (SSD), else rpm
+    cache: str = "none"  # write-back | write-through | none (a journal implies write-back)
+    max_dirty_age: float = 5.0
+    dirty_limit: int | None = None  # None = half of [cache] size
+    journal: Path | None = None  # absolute
+    journal_size: int = 256 << 20
 
     @property
     def is_block_device(self) -> bool:
@@ -110,6 +133,7 @@ class Config:
     iscsi: IscsiConfig
     targets: tuple[TargetConfig, ...]
     source: Path  # absolute path of the file this came from
+    cache: CacheConfig = CacheConfig()  # [cache]
 
     def target(self, iqn: str) -> TargetConfig | None:
         for t in self.targets:
@@ -372,6 +396,7 @@ class _Validator:
         self.loc = locator
         self.base_dir = base_dir
         self.errors: list[tuple[int, str]] = []
+        self.cache = CacheConfig()
 
     def error(self, path: str, msg: str) -> None:
         line = self.loc.line_of(path)
@@ -486,7 +511,8 @@ def _rotation_rate(v: Any) -> int:
     return v
 
 
-_TOP_KEYS = ("server", "iscsi", "target")
+_TOP_KEYS = ("server", "iscsi", "target", "cache")
+_CACHE_KEYS = ("size", "mode", "max_dirty_age", "dirty_limit")
 _SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions")
 _ISCSI_KEYS = (
     "max_recv_data_segment_length",
@@ -503,7 +529,76 @@ _ISCSI_KEYS = (
 )
 _TARGET_KEYS = ("iqn", "alias", "lun")
 _LUN_KEYS = ("id", "path", "size", "block_size", "preallocate", "read_only", "serial", "rotation_rate")
+_LUN_CACHE_KEYS = ("cache", "max_dirty_age", "dirty_limit", "journal", "journal_size")
 _SEG_MAX = (1 << 24) - 1  # RFC 7143 §13: 512 .. 2**24-1
+
+
+def _cache_mode(v: Any) -> str:
+    if v not in CACHE_MODES:
+        close = difflib.get_close_matches(str(v), CACHE_MODES, n=1, cutoff=0.5)
+        hint = f'; did you mean "{close[0]}"?' if close else ""
+        raise ValueError(f'{_show(v)} is not a cache mode: use "write-back", "write-through" or "none"{hint}')
+    return v
+
+
+def _validate_cache(data: dict, v: _Validator) -> CacheConfig:
+    c = v.table(data, "cache", "cache")
+    v.check_keys(c, "cache", _CACHE_KEYS)
+    d = CacheConfig()
+    size = v.get(c, "size", "cache", parse_size, d.size)
+    if "size" in c and size < MIN_CACHE_SIZE:
+        v.error("cache.size", f"{_show(c['size'])} is too small: at least {format_size(MIN_CACHE_SIZE)}")
+        size = d.size
+    dirty_limit = v.get(c, "dirty_limit", "cache", parse_size, None)
+    if dirty_limit is not None and not 1 << 20 <= dirty_limit <= size:
+        v.error("cache.dirty_limit", f"{_show(c['dirty_limit'])} must be 1MiB .. the cache size ({format_size(size)})")
+        dirty_limit = None
+    return CacheConfig(
+        size=size,
+        mode=v.get(c, "mode", "cache", _cache_mode, d.mode),
+        max_dirty_age=v.get(c, "max_dirty_age", "cache", _duration, d.max_dirty_age),
+        dirty_limit=dirty_limit,
+    )
+
+
+def _validate_lun_cache(ll: dict, lp: str, v: _Validator, read_only: bool) -> dict[str, Any]:
+    """Per-LUN cache keys, defaults from [cache]; a dict of LunConfig fields."""
+    cc: CacheConfig = v.cache
+    journal = v.get(ll, "journal", lp, _path_str, None)
+    cache = v.get(ll, "cache", lp, _cache_mode, None)
+    if journal is not None:
+        if cache is not None and cache != "write-back":
+            v.error(
+                f"{lp}.cache",
+                f'"{cache}" cannot have a journal: the journal works with cache = "write-back" '
+                "(and then reports WCE=0: every write is durable); remove one of the two",
+            )
+        cache = "write-back"
+    elif cache is None:
+        cache = cc.mode
+    max_dirty_age = v.get(ll, "max_dirty_age", lp, _duration, cc.max_dirty_age)
+    dirty_limit = v.get(ll, "dirty_limit", lp, parse_size, cc.dirty_limit)
+    if "dirty_limit" in ll and dirty_limit is not None and not 1 << 20 <= dirty_limit <= cc.size:
+        v.error(f"{lp}.dirty_limit", f"{_show(ll['dirty_limit'])} must be 1MiB .. [cache] size ({format_size(cc.size)})")
+    journal_size = v.get(ll, "journal_size", lp, parse_size, 256 << 20)
+    if "journal_size" in ll and journal_size < MIN_JOURNAL_SIZE:
+        v.error(f"{lp}.journal_size", f"{_show(ll['journal_size'])} is too small: at least {format_size(MIN_JOURNAL_SIZE)}")
+    if "journal_size" in ll and journal is None:
+        v.error(f"{lp}.journal_size", 'only means something with a journal: add journal = "/fast/disk/lun.journal"')
+    for key in ("max_dirty_age", "dirty_limit"):
+        if key in ll and cache != "write-back":
+            v.error(f"{lp}.{key}", f'only applies to cache = "write-back" (this LUN is "{cache}")')
+    if read_only:
+        if journal is not None or "cache" in ll and cache != "none":
+            v.error(f"{lp}.cache" if "cache" in ll else f"{lp}.journal", "a read-only LUN has nothing to write back; remove it")
+        cache, journal = "none", None
+    return {
+        "cache": cache,
+        "max_dirty_age": max_dirty_age,
+        "dirty_limit": dirty_limit,
+        "journal": _resolve(v.base_dir, journal) if journal is not None else None,
+        "journal_size": journal_size,
+    }
 
 
 def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tuple[TargetConfig, ...]]:
@@ -576,6 +671,8 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
             f"max_burst_length ({format_size(iscsi.max_burst_length)})",
         )
 
+    v.cache = _validate_cache(data, v)
+
     # [[target]]
     raw_targets = data.get("target", _MISSING)
     targets: list[TargetConfig] = []
@@ -625,6 +722,11 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
             if key in paths:
                 v.error(f"{lp}.path", f'"{lun.path}" is already used by {paths[key]}')
             paths.setdefault(key, lp)
+            if lun.journal is not None:
+                jkey = Path(_norm(lun.journal))
+                if jkey in paths:
+                    v.error(f"{lp}.journal", f'"{lun.journal}" is already used by {paths[jkey]}')
+                paths.setdefault(jkey, f"{lp}.journal")
             if lun.serial is not None:
                 if lun.serial in serials:
                     v.error(f"{lp}.serial", f'"{lun.serial}" is already used by {serials[lun.serial]}')
@@ -664,7 +766,7 @@ def _resolve(base: Path, p: str) -> Path:
 
 
 def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
-    v.check_keys(ll, lp, _LUN_KEYS)
+    v.check_keys(ll, lp, _LUN_KEYS + _LUN_CACHE_KEYS)
     n_err = len(v.errors)
     lun_id = v.get(ll, "id", lp, _int_range(0, MAX_LUN_ID), None, required=True)
     path = v.get(ll, "path", lp, _path_str, None, required=True)
@@ -682,6 +784,7 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
     read_only = v.get(ll, "read_only", lp, _bool, False)
     serial = v.get(ll, "serial", lp, _serial, None)
     rotation_rate = v.get(ll, "rotation_rate", lp, _rotation_rate, 0)
+    cache_fields = _validate_lun_cache(ll, lp, v, read_only)
     if len(v.errors) != n_err or lun_id is None or path is None:
         return None
     full = _resolve(v.base_dir, path)
@@ -697,6 +800,7 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
         read_only=read_only,
         serial=serial,
         rotation_rate=rotation_rate,
+        **cache_fields,
     )
 
 
@@ -779,7 +883,7 @@ def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | No
     if v.errors:
         msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
         raise ConfigError("\n".join(msgs), msgs)
-    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute())
+    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(), cache=v.cache)
 
 
 def load_config(path: str | Path) -> Config:

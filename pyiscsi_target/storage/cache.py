@@ -261,6 +261,10 @@ class CachedBackend:
         return bool(self.inner.thin)
 
     @property
+    def path(self) -> str:
+        return str(getattr(self.inner, "path", self.name))
+
+    @property
     def mode(self) -> str:
         if self.journal is not None:
             return "journal"
