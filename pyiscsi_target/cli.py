@@ -6,6 +6,7 @@ Exit status: 0 success, 1 runtime failure, 2 bad usage or bad configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -73,6 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.add_argument("--force", action="store_true", help="replace PATH if it exists (its data is lost)")
     n.set_defaults(func=cmd_create_lun)
+
+    st = sub.add_parser(
+        "status",
+        help="show what a running server serves: portals, targets, LUNs, sessions, reservations, throughput",
+        description="Ask the server running with CONFIG (through its local admin endpoint, see [admin]) for its "
+        "portals, targets, LUNs (size, cache mode, dirty bytes, persistent reservation holder and keys), "
+        "sessions (initiator, address, ISID, TSIH, negotiated keys, digests, commands in flight) and "
+        "throughput.  Exit 1 if no server answers.",
+    )
+    st.add_argument("config", metavar="CONFIG", help="the config file the server was started with")
+    st.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    st.add_argument("--socket", metavar="PATH", help="the admin socket, if not the one CONFIG names")
+    st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser(
+        "reload",
+        help="apply the edited config file to a running server (same as SIGHUP)",
+        description="Make the server running with CONFIG re-read its config file and apply the changes live: "
+        "targets and LUNs added or removed, LUNs grown (initiators get CAPACITY DATA HAS CHANGED), "
+        "CHAP/ACL/key changes for new logins; sessions on unchanged targets are not touched.  An invalid "
+        "file is refused whole (exit 2, FILE:LINE: KEY: PROBLEM) and the running configuration stays.",
+    )
+    r.add_argument("config", metavar="CONFIG", help="the config file the server was started with")
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    r.add_argument("--socket", metavar="PATH", help="the admin socket, if not the one CONFIG names")
+    r.set_defaults(func=cmd_reload)
     return p
 
 
@@ -179,6 +206,65 @@ def cmd_create_lun(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"created {path}: {format_size(size)}, {'preallocated' if args.preallocate else 'sparse'}")
     return EXIT_OK
+
+
+def _admin_request(args: argparse.Namespace, op: str) -> dict | int:
+    from .admin import AdminError, Endpoint, endpoint_for_config, request
+
+    try:
+        ep = Endpoint("unix", path=Path(args.socket)) if args.socket else endpoint_for_config(args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    try:
+        return request(ep, op)
+    except AdminError as e:
+        _err(f"pyiscsi-target {op}: {e}")
+        return EXIT_FAILURE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .admin import format_status
+
+    answer = _admin_request(args, "status")
+    if isinstance(answer, int):
+        return answer
+    if not answer.get("ok"):
+        _err(f"pyiscsi-target status: {answer.get('error', 'refused')}")
+        return EXIT_FAILURE
+    if args.json:
+        json.dump(answer["status"], sys.stdout, indent=2)
+        print()
+    else:
+        print(format_status(answer["status"]))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    answer = _admin_request(args, "reload")
+    if isinstance(answer, int):
+        return answer
+    if args.json:
+        json.dump(answer, sys.stdout, indent=2)
+        print()
+    elif "error" in answer:
+        _err(f"pyiscsi-target reload: {answer['error']}")
+    else:
+        where = answer.get("config", args.config)
+        if answer.get("ok"):
+            print(f"{where}: applied" + ("" if answer.get("applied") else " (no changes)"))
+            for line in answer.get("applied", ()):
+                print(f"  {line}")
+        else:
+            _err(f"{where}: refused; the running configuration stays in force")
+            for line in answer.get("errors", ()):
+                _err(line)
+        for line in answer.get("warnings", ()):
+            _err(f"warning: {line}")
+    if answer.get("ok"):
+        return EXIT_OK
+    # A refused config is a config error (2); anything else a runtime failure.
+    return EXIT_CONFIG if answer.get("errors") and "error" not in answer else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:

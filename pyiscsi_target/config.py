@@ -128,12 +128,38 @@ class TargetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the local endpoint ``status`` and ``reload`` talk to.
+
+    A Unix socket (mode 0600: only the server's user and root may use it) on
+    POSIX; localhost TCP plus a token file readable by the server's user on
+    Windows, which has no Unix sockets for Python's asyncio.  Never remote:
+    ``reload`` changes what is exported, so it needs the OS's own access checks.
+    """
+
+    enabled: bool = True
+    transport: str = "unix"  # "unix" or "tcp" (the default on Windows)
+    socket: Path | None = None  # absolute; None = <state_dir>/admin.sock
+    listen: tuple[str, int] = ("127.0.0.1", 3262)  # transport "tcp" only; loopback addresses only
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: HTTP for Prometheus (``/metrics``) and the read-only
+    dashboard (``/``, ``/status.json``).  None = not served."""
+
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     iscsi: IscsiConfig
     targets: tuple[TargetConfig, ...]
     source: Path  # absolute path of the file this came from
     cache: CacheConfig = CacheConfig()  # [cache]
+    admin: AdminConfig = AdminConfig()  # [admin]
+    metrics: MetricsConfig = MetricsConfig()  # [metrics]
 
     def target(self, iqn: str) -> TargetConfig | None:
         for t in self.targets:
@@ -511,7 +537,7 @@ def _rotation_rate(v: Any) -> int:
     return v
 
 
-_TOP_KEYS = ("server", "iscsi", "target", "cache")
+_TOP_KEYS = ("server", "iscsi", "target", "cache", "admin", "metrics")
 _CACHE_KEYS = ("size", "mode", "max_dirty_age", "dirty_limit")
 _SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions")
 _ISCSI_KEYS = (
@@ -856,6 +882,66 @@ def _block_size(v: Any) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Operations: [admin] (status/reload endpoint), [metrics] (Prometheus, dashboard)
+# ---------------------------------------------------------------------------
+
+_ADMIN_KEYS = ("enabled", "transport", "socket", "listen")
+_METRICS_KEYS = ("listen",)
+# sun_path is 108 bytes on Linux, 104 on BSD/macOS (with the NUL)
+_MAX_SOCKET_PATH = 103
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_operations(data: dict, v: _Validator, server: ServerConfig) -> tuple[AdminConfig, MetricsConfig]:
+    a = v.table(data, "admin", "admin")
+    v.check_keys(a, "admin", _ADMIN_KEYS)
+    d = AdminConfig()
+
+    def transport(x: Any) -> str:
+        if x not in ("unix", "tcp"):
+            raise ValueError(f'{_show(x)} is not an admin transport: use "unix" (POSIX) or "tcp" (localhost)')
+        return x
+
+    default_transport = "tcp" if os.name == "nt" else "unix"
+    tr = v.get(a, "transport", "admin", transport, default_transport)
+    if tr == "unix" and os.name == "nt":
+        v.error("admin.transport", '"unix" is not available on Windows; use "tcp" (localhost)')
+    sock = v.get(a, "socket", "admin", _path_str, None)
+    sock_path = _resolve(v.base_dir, sock) if sock is not None else Path(server.state_dir) / "admin.sock"
+    if tr == "unix" and len(os.fsencode(str(sock_path))) > _MAX_SOCKET_PATH:
+        v.error("admin.socket" if sock is not None else "server.state_dir",
+                f'the admin socket path "{sock_path}" is longer than {_MAX_SOCKET_PATH} bytes (an OS limit); '
+                'set [admin] socket = "/run/pyiscsi-target/admin.sock" or similar')
+    listen = d.listen
+    if "listen" in a:
+        listen = v.get(a, "listen", "admin", parse_portal, d.listen)
+        if not _is_loopback(listen[0]):
+            # No remote admin: reload changes what is exported and has no
+            # authentication of its own beyond the token file.
+            v.error("admin.listen", f'"{a["listen"]}" is not a loopback address; use "127.0.0.1:PORT" or "[::1]:PORT"')
+    admin = AdminConfig(enabled=v.get(a, "enabled", "admin", _bool, d.enabled), transport=tr,
+                        socket=sock_path, listen=listen)
+
+    m = v.table(data, "metrics", "metrics")
+    v.check_keys(m, "metrics", _METRICS_KEYS)
+    mlisten = v.get(m, "listen", "metrics", parse_portal, None)
+    if mlisten is not None:
+        if mlisten in server.listen:
+            v.error("metrics.listen", f'"{m["listen"]}" is also an iSCSI portal in [server] listen')
+        elif tr == "tcp" and admin.enabled and mlisten == listen:
+            v.error("metrics.listen", f'"{m["listen"]}" is also the [admin] listen address')
+    return admin, MetricsConfig(listen=mlisten)
+
+
+# ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
 
@@ -880,10 +966,11 @@ def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | No
     base = (base_dir or Path.cwd()).absolute()
     v = _Validator(src, KeyLocator(text), base)
     server, iscsi, targets = _validate(data, v)
+    admin, metrics = _validate_operations(data, v, server)
     if v.errors:
         msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
         raise ConfigError("\n".join(msgs), msgs)
-    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(), cache=v.cache)
+    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(), cache=v.cache, admin=admin, metrics=metrics)
 
 
 def load_config(path: str | Path) -> Config:

@@ -148,6 +148,8 @@ class IscsiProtocol(asyncio.Protocol):
             elif type(action) is TaskManagement:
                 self._spawn(self._task_management(action))
             elif type(action) is SessionStarted:
+                if self.server.telemetry is not None:
+                    self.server.telemetry.login_ok()
                 for old in action.reinstated:
                     proto = getattr(old, "protocol", None)
                     if proto is not None:
@@ -251,6 +253,7 @@ class TargetServer:
                                          getattr(srv, "login_failure_delay", 1.0))
         self.protocols: set[IscsiProtocol] = set()
         self.servers: list[asyncio.base_events.Server] = []
+        self.telemetry = None       # metrics.Telemetry once admin.Operations started (login counts)
 
     # -- admission limits (iscsi/limits.py) ---------------------------------------
     def admit(self, proto: IscsiProtocol, peer) -> bool:
@@ -283,6 +286,8 @@ class TargetServer:
         failure = conn.login.failure
         if failure is not None:
             self.limiter.login_failed(host, failure.status, proto.loop.time())
+            if self.telemetry is not None:
+                self.telemetry.login_failed(failure.status)
         elif conn.session is not None:
             self.limiter.login_succeeded(host)
 
@@ -320,10 +325,22 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
         log.warning("config: %s", warning)
     devices = await build_devices(config)
     server = TargetServer(config, devices)
+    # Admin endpoint, SIGHUP reload, metrics/dashboard HTTP: up before the
+    # portals, so whoever sees port 3260 open can also ask for status.
+    from .admin import Operations
+
+    try:
+        ops = await Operations.start(server)
+    except OSError as exc:
+        log.error("cannot start the admin endpoint or metrics port: %s", exc)
+        for dev in devices.values():
+            await dev.close()
+        return 1
     try:
         await server.start()
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        await ops.close()
         for dev in devices.values():
             await dev.close()
         return 1
@@ -334,8 +351,9 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):   # Windows: KeyboardInterrupt ends it
             pass
-    log.info("serving %d target(s): %s", len(devices), ", ".join(devices))
+    log.info("serving %d target(s): %s", len(server.devices), ", ".join(server.devices))
     await stop.wait()
+    await ops.close()
     log.info("shutting down: closing sessions and flushing LUNs")
     await server.stop()
     log.info("stopped")

@@ -39,6 +39,9 @@ class ScsiTargetDevice:
         # for that nexus (REPORT LUNS, commands, task management).
         self.lun_view = lun_view
         self._views: dict[Nexus, frozenset[int]] = {}
+        # observer(task, result, t0) after each command submit() ran: the one
+        # place I/O is counted (metrics.DeviceObserver); None = not counted.
+        self.observer = None
 
     def lu_for(self, nexus: Nexus, lun: int) -> LogicalUnit | None:
         """The LU a nexus addresses as ``lun``; None if absent or masked."""
@@ -119,6 +122,8 @@ class ScsiTargetDevice:
                 return fut
             runner = loop.create_task(self._run(lu, entry, task))
             entry.task = runner
+        obs = self.observer
+        t0 = loop.time() if obs is not None else 0.0
 
         def finished(t: asyncio.Task) -> None:
             if t.cancelled():
@@ -129,7 +134,10 @@ class ScsiTargetDevice:
                 log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
                 done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
                 return
-            done(t.result())
+            result = t.result()
+            if obs is not None:
+                obs(task, result, t0)
+            done(result)
 
         runner.add_done_callback(finished)
         return runner
