@@ -95,6 +95,17 @@ async def add_cache(config: Config, iqn: str, lun: LunConfig, backend, budget):
     return cache
 
 
+async def load_pr(config: Config, iqn: str, lun: LunConfig):
+    """The LU's persistent reservations, restored from ``state_dir`` when
+    APTPL was set (SPC-4 §5.12.5), and the callback that persists them."""
+    from .pr_store import PrStoreError, load_persistent_reservations
+
+    try:
+        return await asyncio.to_thread(load_persistent_reservations, config.server.state_dir, iqn, lun.id)
+    except (PrStoreError, OSError) as e:
+        raise AssembleError(f"{config.source}: target {iqn} LUN {lun.id}: persistent reservations: {e}") from e
+
+
 async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
     """Open every LUN and build one SCSI target device per configured target.
 
@@ -128,6 +139,7 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
                         block_size=lc.block_size,
                         read_only=lc.read_only,
                         rotation_rate=lc.rotation_rate,
+                        pr=await load_pr(config, t.iqn, lc),
                     )
                 except ValueError as e:
                     raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
