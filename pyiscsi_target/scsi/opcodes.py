@@ -122,6 +122,8 @@ _SPECS: tuple[OpSpec, ...] = (
     # reservation (table 63); the service action itself decides.  PR IN also
     # passes an SPC-2 reservation: Windows must always be able to read
     # reservations (windows-initiator.md §5.8), PR OUT does not (SPC-2 §5.5.1).
+    # SCOPE/TYPE are evaluated by RESERVE, RELEASE and PREEMPT(-AND-ABORT) and
+    # ignored by the others (SPC-4 §6.17.2), never rejected.
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ KEYS)", spc_pr.persistent_reserve_in,
            _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x00, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ RESERVATION)", spc_pr.persistent_reserve_in,
@@ -131,21 +133,21 @@ _SPECS: tuple[OpSpec, ...] = (
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ FULL STATUS)", spc_pr.persistent_reserve_in,
            _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x03, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER)", spc_pr.persistent_reserve_out,
-           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x00, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x00, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (RESERVE)", spc_pr.persistent_reserve_out,
            _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x01, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (RELEASE)", spc_pr.persistent_reserve_out,
            _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x02, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (CLEAR)", spc_pr.persistent_reserve_out,
-           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x03, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x03, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT)", spc_pr.persistent_reserve_out,
            _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x04, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT AND ABORT)", spc_pr.persistent_reserve_out,
            _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x05, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND IGNORE EXISTING KEY)", spc_pr.persistent_reserve_out,
-           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x06, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x06, pr_conflict=_ANY),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND MOVE)", spc_pr.persistent_reserve_out,
-           _u("5F 1F 00 00 00 FF FF FF FF 00"), OUT, service_action=0x07, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x07, pr_conflict=_ANY),
     OpSpec(0xA0, "REPORT LUNS", spc.report_luns, _u("A0 00 FF 00 00 00 FF FF FF FF 00 00"), IN,
            allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0xA3, "REPORT SUPPORTED OPERATION CODES", spc.report_supported_operation_codes,
@@ -182,6 +184,13 @@ _SPECS: tuple[OpSpec, ...] = (
     OpSpec(0xAA, "WRITE(12)", sbc.write, _u("AA 18 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0xAE, "WRITE AND VERIFY(12)", sbc.write_and_verify, _u("AE 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0xAF, "VERIFY(12)", sbc.verify, _u("AF 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_RD),
+    OpSpec(0x8B, "ORWRITE(16)", sbc.orwrite, _u("8B 18 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT,
+           pr_conflict=_WR),
+    # REQ_PLIST, REQ_GLIST, DEFECT LIST FORMAT; (12) also ADDRESS DESCRIPTOR INDEX.
+    OpSpec(0x37, "READ DEFECT DATA(10)", sbc.read_defect_data, _u("37 00 1F 00 00 00 00 FF FF 00"), IN,
+           pr_conflict=_RD),
+    OpSpec(0xB7, "READ DEFECT DATA(12)", sbc.read_defect_data, _u("B7 1F FF FF FF FF FF FF FF FF 00 00"), IN,
+           pr_conflict=_RD),
 )
 
 
