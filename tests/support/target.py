@@ -93,7 +93,10 @@ def start_target(config: Path, host: str, port: int, *, log_name: str = "server.
                  timeout: float = 20.0) -> RunningTarget:
     log = config.parent / log_name
     fh = open(log, "ab")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Run the checkout under test, whatever an editable install elsewhere points at.
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen([sys.executable, "-m", "pyiscsi_target", "serve", str(config), "--log-level", "DEBUG"],
                             stdout=fh, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
     fh.close()
