@@ -95,6 +95,18 @@ async def add_cache(config: Config, iqn: str, lun: LunConfig, backend, budget):
     return cache
 
 
+def lun_view(t):
+    """Per-initiator LUN masking (``[[target.lun]] initiators``) as the SCSI
+    core's per-nexus view: nexus → the LUN ids it may see (None = all)."""
+    from .iscsi.acl import LunMask, NamePatterns, initiator_from_port
+
+    mask = LunMask({lc.id: NamePatterns(lc.initiators) for lc in t.luns if getattr(lc, "initiators", ())})
+    if not mask:
+        return None
+    ids = [lc.id for lc in t.luns]
+    return lambda nexus: mask.visible(ids, initiator_from_port(nexus.initiator_port))
+
+
 async def load_pr(config: Config, iqn: str, lun: LunConfig):
     """The LU's persistent reservations, restored from ``state_dir`` when
     APTPL was set (SPC-4 §5.12.5), and the callback that persists them."""
@@ -143,7 +155,7 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
                     )
                 except ValueError as e:
                     raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
-            devices[t.iqn] = ScsiTargetDevice(t.iqn, luns)
+            devices[t.iqn] = ScsiTargetDevice(t.iqn, luns, lun_view=lun_view(t))
     except BaseException:
         for b in opened:
             try:

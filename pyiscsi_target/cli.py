@@ -148,8 +148,22 @@ def summarize(config: Config) -> str:
         f"ImmediateData {'Yes' if i.immediate_data else 'No'}, InitialR2T {'Yes' if i.initial_r2t else 'No'}, "
         f"digests {'/'.join(i.header_digest)} (header) {'/'.join(i.data_digest)} (data)",
     ]
+    for w in getattr(config, "warnings", ()):
+        out.append(f"warning:   {w}")
+    dchap = getattr(config, "discovery_chap", None)
+    if dchap is not None:
+        out.append(f"discovery: {_chap_summary(dchap)}")
     for t in config.targets:
         out.append(f"target {t.iqn}" + (f'  alias "{t.alias}"' if t.alias else ""))
+        access = []
+        if getattr(t, "chap", None) is not None:
+            access.append(_chap_summary(t.chap))
+        if getattr(t, "allow_initiators", ()):
+            access.append(f"initiators {', '.join(t.allow_initiators)}")
+        if getattr(t, "allow_networks", ()):
+            access.append(f"networks {', '.join(t.allow_networks)}")
+        if access:
+            out.append(f"  access: {'; '.join(access)}")
         for lun in t.luns:
             if lun.is_block_device:
                 size, state = "device size", "block device"
@@ -165,12 +179,20 @@ def summarize(config: Config) -> str:
                 flags.append("read-only")
             if lun.serial:
                 flags.append(f"serial {lun.serial}")
+            if getattr(lun, "initiators", ()):
+                flags.append(f"only {', '.join(lun.initiators)}")
             if lun.rotation_rate == 1:
                 flags.append("SSD")
             elif lun.rotation_rate:
                 flags.append(f"{lun.rotation_rate} rpm")
             out.append(f"  LUN {lun.id}: {lun.path}  {size}  ({state}; {', '.join(flags)})")
     return "\n".join(out)
+
+
+def _chap_summary(c) -> str:
+    """CHAP settings without the secrets."""
+    mutual = f", mutual as {c.mutual_user}" if c.mutual_user else ""
+    return f"CHAP user {c.user}{mutual} ({'/'.join(c.algorithms)})"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "CacheConfig",
     "Config",
     "ConfigError",
+    "ChapConfig",
     "IscsiConfig",
     "LunConfig",
     "ServerConfig",
@@ -64,6 +65,9 @@ class ServerConfig:
     nop_timeout: float = 30.0
     login_timeout: float = 15.0
     max_sessions: int = 64
+    max_connections_total: int = 1024       # TCP connections at once, all sources
+    max_connections_per_address: int = 64   # TCP connections at once from one source address
+    login_failure_delay: float = 1.0        # first slow-down after a refused login; doubles, max 30 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ class LunConfig:
     read_only: bool = False
     serial: str | None = None
     rotation_rate: int = 0  # 0 not reported, 1 non-rotating (SSD), else rpm
+    initiators: tuple[str, ...] = ()  # LUN masking: only these initiators (names/globs) see it; () = all
     cache: str = "none"  # write-back | write-through | none (a journal implies write-back)
     max_dirty_age: float = 5.0
     dirty_limit: int | None = None  # None = half of [cache] size
@@ -121,10 +126,24 @@ class LunConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ChapConfig:
+    """CHAP credentials; the secrets never show in a repr (nor in logs)."""
+
+    user: str
+    secret: str = field(repr=False)
+    mutual_user: str | None = None
+    mutual_secret: str | None = field(default=None, repr=False)
+    algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+
+
+@dataclass(frozen=True, slots=True)
 class TargetConfig:
     iqn: str
     alias: str | None = None
     luns: tuple[LunConfig, ...] = ()
+    chap: ChapConfig | None = None  # None = no authentication (AuthMethod=None)
+    allow_initiators: tuple[str, ...] = ()  # names or globs; () = any
+    allow_networks: tuple[str, ...] = ()  # CIDR; () = any
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +176,8 @@ class Config:
     iscsi: IscsiConfig
     targets: tuple[TargetConfig, ...]
     source: Path  # absolute path of the file this came from
+    discovery_chap: ChapConfig | None = None  # [discovery.chap]: CHAP for SendTargets sessions
+    warnings: tuple[str, ...] = ()  # problems worth a log line that do not stop the server
     cache: CacheConfig = CacheConfig()  # [cache]
     admin: AdminConfig = AdminConfig()  # [admin]
     metrics: MetricsConfig = MetricsConfig()  # [metrics]
@@ -423,6 +444,14 @@ class _Validator:
         self.base_dir = base_dir
         self.errors: list[tuple[int, str]] = []
         self.cache = CacheConfig()
+        self.warnings: list[str] = []
+        self.has_inline_secret = False
+        self.discovery_chap: ChapConfig | None = None
+
+    def warn(self, path: str, msg: str) -> None:
+        line = self.loc.line_of(path)
+        where = f"{self.source}:{line}" if line else self.source
+        self.warnings.append(f"{where}: {path}: {msg}")
 
     def error(self, path: str, msg: str) -> None:
         line = self.loc.line_of(path)
@@ -537,9 +566,10 @@ def _rotation_rate(v: Any) -> int:
     return v
 
 
-_TOP_KEYS = ("server", "iscsi", "target", "cache", "admin", "metrics")
+_TOP_KEYS = ("server", "iscsi", "target", "discovery", "cache", "admin", "metrics")
 _CACHE_KEYS = ("size", "mode", "max_dirty_age", "dirty_limit")
-_SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions")
+_SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions",
+                "max_connections_total", "max_connections_per_address", "login_failure_delay")
 _ISCSI_KEYS = (
     "max_recv_data_segment_length",
     "max_burst_length",
@@ -553,8 +583,8 @@ _ISCSI_KEYS = (
     "default_time2retain",
     "max_connections",
 )
-_TARGET_KEYS = ("iqn", "alias", "lun")
-_LUN_KEYS = ("id", "path", "size", "block_size", "preallocate", "read_only", "serial", "rotation_rate")
+_TARGET_KEYS = ("iqn", "alias", "lun", "chap", "allow_initiators", "allow_networks")
+_LUN_KEYS = ("id", "path", "size", "block_size", "preallocate", "read_only", "serial", "rotation_rate", "initiators")
 _LUN_CACHE_KEYS = ("cache", "max_dirty_age", "dirty_limit", "journal", "journal_size")
 _SEG_MAX = (1 << 24) - 1  # RFC 7143 §13: 512 .. 2**24-1
 
@@ -661,6 +691,7 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
     if "login_timeout" in s and login_timeout == 0:
         v.error("server.login_timeout", "must be more than 0")
     max_sessions = v.get(s, "max_sessions", "server", _int_range(1, 65535), d.max_sessions)
+    limits = _server_limits(s, v, d)
     server = ServerConfig(
         listen=listen,
         state_dir=_resolve(v.base_dir, state_dir),
@@ -668,6 +699,7 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
         nop_timeout=nop_timeout,
         login_timeout=login_timeout,
         max_sessions=max_sessions,
+        **limits,
     )
 
     # [iscsi]
@@ -759,7 +791,8 @@ def _validate(data: dict, v: _Validator) -> tuple[ServerConfig, IscsiConfig, tup
                 serials.setdefault(lun.serial, lp)
             luns.append(lun)
         if iqn is not None:
-            targets.append(TargetConfig(iqn=iqn, alias=alias, luns=tuple(sorted(luns, key=lambda x: x.id))))
+            targets.append(TargetConfig(iqn=iqn, alias=alias, luns=tuple(sorted(luns, key=lambda x: x.id)),
+                                        **_target_access(tt, tp, v)))
     return server, iscsi, tuple(targets)
 
 
@@ -810,6 +843,7 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
     read_only = v.get(ll, "read_only", lp, _bool, False)
     serial = v.get(ll, "serial", lp, _serial, None)
     rotation_rate = v.get(ll, "rotation_rate", lp, _rotation_rate, 0)
+    initiators = v.get(ll, "initiators", lp, _name_patterns, ())
     cache_fields = _validate_lun_cache(ll, lp, v, read_only)
     if len(v.errors) != n_err or lun_id is None or path is None:
         return None
@@ -826,6 +860,7 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
         read_only=read_only,
         serial=serial,
         rotation_rate=rotation_rate,
+        initiators=initiators,
         **cache_fields,
     )
 
@@ -879,6 +914,177 @@ def _block_size(v: Any) -> int:
     if isinstance(v, bool) or v not in (512, 4096):
         raise ValueError(f"{v!r} is not a block size: use 512 or 4096")
     return v
+
+
+# ---------------------------------------------------------------------------
+# Security: CHAP, access lists, connection limits
+# ---------------------------------------------------------------------------
+
+_CHAP_KEYS = ("user", "secret", "secret_file", "mutual_user", "mutual_secret", "mutual_secret_file", "algorithms")
+_CHAP_ALGORITHMS = {"sha-256": "SHA-256", "sha256": "SHA-256", "md5": "MD5"}
+_DISCOVERY_KEYS = ("chap",)
+MAX_LOGIN_FAILURE_DELAY = 30.0
+
+
+def _server_limits(s: dict, v: _Validator, d: ServerConfig) -> dict:
+    out = {
+        "max_connections_total": v.get(s, "max_connections_total", "server", _int_range(1, 1 << 20),
+                                       d.max_connections_total),
+        "max_connections_per_address": v.get(s, "max_connections_per_address", "server", _int_range(1, 1 << 20),
+                                             d.max_connections_per_address),
+        "login_failure_delay": v.get(s, "login_failure_delay", "server", _duration, d.login_failure_delay),
+    }
+    if out["login_failure_delay"] > MAX_LOGIN_FAILURE_DELAY:
+        v.error("server.login_failure_delay", f"must be at most {MAX_LOGIN_FAILURE_DELAY:g}s")
+    return out
+
+
+def _name_patterns(v: Any) -> tuple[str, ...]:
+    """Initiator names: exact iSCSI names or shell globs (``iqn.1991-05.com.microsoft:*``)."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items:
+        raise ValueError(f'{v!r} must be a list of initiator names or patterns, e.g. ["iqn.1991-05.com.microsoft:*"]')
+    out = []
+    for it in items:
+        if not isinstance(it, str) or not it.strip():
+            raise ValueError(f"{it!r} is not an initiator name or pattern")
+        if not any(c in it for c in "*?["):
+            try:
+                validate_iscsi_name(it.lower())
+            except ValueError as e:
+                raise ValueError(f"{e} (use * or ? for a pattern)") from None
+        out.append(it)
+    return tuple(out)
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items:
+        raise ValueError(f'{v!r} must be a list of networks, e.g. ["10.0.0.0/24", "fd00::/64"]')
+    out = []
+    for it in items:
+        if not isinstance(it, str):
+            raise ValueError(f"{it!r} is not a network")
+        try:
+            ipaddress.ip_network(it.strip(), strict=True)
+        except ValueError as e:
+            raise ValueError(f'"{it}" is not a network ({e}); use e.g. "10.0.0.0/24" or "fd00::/64"') from None
+        out.append(it.strip())
+    return tuple(out)
+
+
+def _target_access(tt: dict, tp: str, v: _Validator) -> dict:
+    return {
+        "chap": _chap(v.table(tt, "chap", f"{tp}.chap"), f"{tp}.chap", v) if "chap" in tt else None,
+        "allow_initiators": v.get(tt, "allow_initiators", tp, _name_patterns, ()),
+        "allow_networks": v.get(tt, "allow_networks", tp, _networks, ()),
+    }
+
+
+def _validate_discovery(data: dict, v: _Validator) -> None:
+    d = v.table(data, "discovery", "discovery")
+    v.check_keys(d, "discovery", _DISCOVERY_KEYS)
+    if "chap" in d:
+        v.discovery_chap = _chap(v.table(d, "chap", "discovery.chap"), "discovery.chap", v)
+
+
+def _chap_user(x: Any) -> str:
+    if not isinstance(x, str) or not x or len(x.encode()) > 255 or any(ord(c) < 0x20 for c in x):
+        raise ValueError("must be a CHAP name of 1..255 bytes without control characters")
+    return x
+
+
+def _secret(tbl: dict, key: str, path: str, v: _Validator, *, required: bool) -> str | None:
+    """``key`` inline or ``key_file``; the value is never echoed in a message."""
+    inline, file_key = tbl.get(key, _MISSING), f"{key}_file"
+    from_file = tbl.get(file_key, _MISSING)
+    if inline is not _MISSING and from_file is not _MISSING:
+        v.error(f"{path}.{file_key}", f"set {key} or {file_key}, not both")
+        return None
+    if inline is _MISSING and from_file is _MISSING:
+        if required:
+            v.error(path, f'missing "{key}" (or "{file_key}")')
+        return None
+    if inline is not _MISSING:
+        kp = f"{path}.{key}"
+        if not isinstance(inline, str):
+            v.error(kp, "must be a string")
+            return None
+        v.has_inline_secret = True
+        secret = inline
+    else:
+        kp = f"{path}.{file_key}"
+        if not isinstance(from_file, str) or not from_file.strip():
+            v.error(kp, "must be a path to a file holding the secret")
+            return None
+        fp = _resolve(v.base_dir, from_file)
+        try:
+            st = os.stat(fp)
+            raw = fp.read_bytes()
+        except OSError as e:
+            v.error(kp, f'cannot read "{fp}": {e.strerror or e}')
+            return None
+        if st.st_mode & 0o077:
+            v.warn(kp, f'"{fp}" holds a secret and is accessible by group/others (mode {stat.S_IMODE(st.st_mode):o}); '
+                       f"chmod 600 it")
+        try:
+            secret = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            v.error(kp, f'"{fp}" is not UTF-8 text')
+            return None
+    n = len(secret.encode())
+    if n == 0 or n > 255:
+        v.error(kp, f"the secret must be 1..255 bytes long (it is {n})")
+        return None
+    if not 12 <= n <= 16:
+        v.warn(kp, f"the secret is {n} bytes long; the Windows initiator accepts only 12..16")
+    return secret
+
+
+def _chap(tbl: dict, path: str, v: _Validator) -> ChapConfig | None:
+    v.check_keys(tbl, path, _CHAP_KEYS)
+    n_err = len(v.errors)
+    user = v.get(tbl, "user", path, _chap_user, None, required=True)
+    secret = _secret(tbl, "secret", path, v, required=True)
+    mutual_user = v.get(tbl, "mutual_user", path, _chap_user, None)
+    mutual_secret = _secret(tbl, "mutual_secret", path, v, required=mutual_user is not None)
+    if mutual_secret is not None and mutual_user is None:
+        v.error(path, 'mutual_secret needs a mutual_user (the name the target answers with)')
+    if secret is not None and mutual_secret is not None and secret == mutual_secret:
+        key = "mutual_secret" if "mutual_secret" in tbl else "mutual_secret_file"
+        v.error(f"{path}.{key}", "the mutual secret must differ from the initiator's secret (RFC 7143 §12.1.3)")
+
+    def algos(x: Any) -> tuple[str, ...]:
+        items = [x] if isinstance(x, str) else x
+        if not isinstance(items, list) or not items:
+            raise ValueError('must be a list like ["SHA-256", "MD5"]')
+        out = []
+        for it in items:
+            name = _CHAP_ALGORITHMS.get(it.lower()) if isinstance(it, str) else None
+            if name is None:
+                raise ValueError(f'{_show(it)} is not a CHAP algorithm; use "SHA-256" and/or "MD5"')
+            if name not in out:
+                out.append(name)
+        return tuple(out)
+
+    algorithms = v.get(tbl, "algorithms", path, algos, ("SHA-256", "MD5"))
+    if len(v.errors) != n_err or user is None or secret is None:
+        return None
+    return ChapConfig(user=user, secret=secret, mutual_user=mutual_user, mutual_secret=mutual_secret,
+                      algorithms=algorithms)
+
+
+def _readable_warning(v: _Validator, source: str | Path) -> tuple[str, ...]:
+    if not v.has_inline_secret:
+        return ()
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return ()
+    if mode & 0o044:
+        return (f"{source}: holds CHAP secrets and is readable by group/others (mode {stat.S_IMODE(mode):o}); "
+                "chmod 600 it, or move the secrets to secret_file",)
+    return ()
 
 
 # ---------------------------------------------------------------------------
@@ -966,11 +1172,14 @@ def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | No
     base = (base_dir or Path.cwd()).absolute()
     v = _Validator(src, KeyLocator(text), base)
     server, iscsi, targets = _validate(data, v)
+    _validate_discovery(data, v)
     admin, metrics = _validate_operations(data, v, server)
     if v.errors:
         msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
         raise ConfigError("\n".join(msgs), msgs)
-    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(), cache=v.cache, admin=admin, metrics=metrics)
+    return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(),
+                  discovery_chap=v.discovery_chap, warnings=tuple(v.warnings) + _readable_warning(v, source),
+                  cache=v.cache, admin=admin, metrics=metrics)
 
 
 def load_config(path: str | Path) -> Config:

@@ -365,13 +365,14 @@ class IscsiConnection:
         answers: list[tuple[str, str]] = []
         for k, v in pairs:
             if k == "SendTargets":
+                who = {"initiator": self.session.initiator_name, "peer": self.peer[0]}   # ACL filter
                 if self.session.discovery:
-                    answers += send_targets(self.ctx, v, self.local)
+                    answers += send_targets(self.ctx, v, self.local, **who)
                 else:
                     # In a normal session only the session's own target is reported.
                     own = self.session.target.name
                     val = "" if v == "All" else v
-                    answers += send_targets(self.ctx, val, self.local, only=own) if val in ("", own) else []
+                    answers += send_targets(self.ctx, val, self.local, only=own, **who) if val in ("", own) else []
             elif k.startswith(("X-", "X#")):
                 answers.append((k, "NotUnderstood"))
             else:

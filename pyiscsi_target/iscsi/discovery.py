@@ -49,13 +49,25 @@ def target_addresses(ctx: PortalContext, local: tuple[str, int]) -> list[str]:
     return out
 
 
+def may_reach(ctx: PortalContext, name: str, initiator: str | None, peer: str | None) -> bool:
+    """Whether the target's ACL lets this initiator (name, source address) log in."""
+    t = ctx.targets.get(name)
+    acl = getattr(t, "acl", None)
+    if acl is None or peer is None:
+        return t is not None
+    return acl.allows(initiator, _normalize(peer))
+
+
 def send_targets(ctx: PortalContext, value: str, local: tuple[str, int],
-                 *, only: str | None = None) -> list[tuple[str, str]]:
+                 *, only: str | None = None, initiator: str | None = None,
+                 peer: str | None = None) -> list[tuple[str, str]]:
     """Answer ``SendTargets=<value>``.
 
     ``All`` lists every target (discovery sessions only; §C); an iSCSI name
     lists that one target; the empty value in a normal session means the
-    session's own target (``only``).
+    session's own target (``only``).  With ``peer`` (the initiator's address)
+    given, a target whose ACL refuses ``initiator`` from there is left out,
+    as if it did not exist.
     """
     if value == "All":
         names = sorted(ctx.targets)
@@ -63,6 +75,8 @@ def send_targets(ctx: PortalContext, value: str, local: tuple[str, int],
         names = [only] if only else []
     else:
         names = [value] if value in ctx.targets else []
+    if peer is not None:
+        names = [n for n in names if may_reach(ctx, n, initiator, peer)]
     addrs = target_addresses(ctx, local)
     out: list[tuple[str, str]] = []
     for name in names:

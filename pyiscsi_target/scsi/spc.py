@@ -187,7 +187,7 @@ async def report_luns(cmd: Command) -> Reply:
         raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field_pointer=2, bit=7)
     if alloc < 16:  # SPC-4 §6.33: ALLOCATION LENGTH < 16 is invalid
         raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field_pointer=6, bit=7)
-    ids = [] if select == 0x01 else sorted(cmd.device.luns)
+    ids = [] if select == 0x01 else cmd.device.visible_luns(cmd.nexus)
     data = bytearray(8 + 8 * len(ids))
     struct.pack_into(">I", data, 0, 8 * len(ids))
     for i, lun_id in enumerate(ids):

@@ -110,8 +110,10 @@ class ScsiTargetDevice:
         """
         loop = asyncio.get_running_loop()
         lu = self.luns.get(task.lun)
+        if lu is not None and self._views:
+            lu = self.lu_for(task.nexus, task.lun)     # LUN masking
         if lu is None:
-            runner = loop.create_task(self._dispatch(task, None))
+            runner = eager.start(self._dispatch(task, None), loop)
         else:
             entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
             if entry is None:
