@@ -75,6 +75,7 @@ class IscsiProtocol(asyncio.Protocol):
         self._timer_at: float | None = None
         self._wq: list = []                 # output gathered during this loop iteration
         self._flush_scheduled = False
+        self._in_receive = False
 
     # -- asyncio callbacks -----------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -93,7 +94,13 @@ class IscsiProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data, self.loop.time())
-        self._pump()
+        # Commands that finish in their first step answer inside this call;
+        # their responses join this chunk's batch (flushed just below).
+        self._in_receive = True
+        try:
+            self._pump()
+        finally:
+            self._in_receive = False
         # Everything this chunk of input produced (R2Ts, NOP-Ins, ...) is
         # already one batch: send it now rather than a loop iteration later.
         if self._wq:
@@ -143,8 +150,9 @@ class IscsiProtocol(asyncio.Protocol):
         for action in conn.take_actions():
             if type(action) is Execute:
                 t = action.device.submit(action.task, partial(self._scsi_done, action.itt))
-                self.tasks.add(t)
-                t.add_done_callback(self.tasks.discard)
+                if not t.done():
+                    self.tasks.add(t)
+                    t.add_done_callback(self.tasks.discard)
             elif type(action) is TaskManagement:
                 self._spawn(self._task_management(action))
             elif type(action) is SessionStarted:
@@ -176,7 +184,7 @@ class IscsiProtocol(asyncio.Protocol):
         else:
             self.conn.scsi_done(itt, result)
         self._pump()
-        if len(self.tasks) <= 1 and self._wq:
+        if not self._in_receive and len(self.tasks) <= 1 and self._wq:
             # Nothing else in flight (this command's task is still counted):
             # no batch to wait for, answer now (queue depth 1 latency).
             self._flush()

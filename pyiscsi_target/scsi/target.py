@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from .. import eager
 from .command import Nexus, ScsiResult, ScsiTask, Status, TmfResponse
 from .context import Command
 from .lun import LogicalUnit
@@ -122,7 +123,7 @@ class ScsiTargetDevice:
                 fut.set_result(None)
                 done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.OVERLAPPED_COMMANDS_ATTEMPTED)))
                 return fut
-            runner = loop.create_task(self._run(lu, entry, task))
+            runner = eager.start(self._run(lu, entry, task), loop)
             entry.task = runner
         obs = self.observer
         t0 = loop.time() if obs is not None else 0.0
@@ -141,7 +142,12 @@ class ScsiTargetDevice:
                 obs(task, result, t0)
             done(result)
 
-        runner.add_done_callback(finished)
+        if runner.done():
+            # Finished in its first step (no wait): answer now, in the same
+            # loop iteration that received the command.
+            finished(runner)
+        else:
+            runner.add_done_callback(finished)
         return runner
 
     async def _run(self, lu: LogicalUnit, entry: TaskEntry, task: ScsiTask) -> ScsiResult:
