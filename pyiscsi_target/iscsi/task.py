@@ -9,6 +9,7 @@ is complete.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 from .pdu import ALL_ONES, PduFormatError, RejectReason
@@ -28,6 +29,19 @@ class Burst:
     received: int = 0
 
 
+#: Up to this size a write buffer is a bytearray; above, an anonymous mmap,
+#: whose pages the kernel commits only as Data-Out fills them: an Expected
+#: Data Transfer Length of 4 GiB in a hostile header costs nothing until the
+#: initiator actually sends the data (bytearray(n) zero-fills, i.e. commits, n).
+LAZY_BUFFER_ABOVE = 64 * 1024
+
+
+def _buffer(n: int):
+    if n <= LAZY_BUFFER_ABOVE:
+        return bytearray(n)
+    return mmap.mmap(-1, n)
+
+
 class WriteTransfer:
     __slots__ = ("itt", "lun", "expected", "buf", "received", "next_offset", "unsolicited_open",
                  "unsol_limit", "unsol_datasn", "bursts", "r2tsn", "cmd", "rec")
@@ -37,7 +51,7 @@ class WriteTransfer:
         self.itt = itt
         self.lun = lun
         self.expected = expected
-        self.buf = bytearray(expected)
+        self.buf = _buffer(expected)
         n = min(len(immediate), expected)
         self.buf[:n] = immediate[:n]
         self.received = n
