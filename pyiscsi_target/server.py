@@ -333,6 +333,15 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
         log.warning("config: %s", warning)
     devices = await build_devices(config)
     server = TargetServer(config, devices)
+    # Signal handlers before anything listens: a SIGTERM that arrives as soon
+    # as the portal accepts must still flush and exit 0, not kill the process.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):   # Windows: KeyboardInterrupt ends it
+            pass
     # Admin endpoint, SIGHUP reload, metrics/dashboard HTTP: up before the
     # portals, so whoever sees port 3260 open can also ask for status.
     from .admin import Operations
@@ -352,13 +361,6 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
         for dev in devices.values():
             await dev.close()
         return 1
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):   # Windows: KeyboardInterrupt ends it
-            pass
     log.info("serving %d target(s): %s", len(server.devices), ", ".join(server.devices))
     await stop.wait()
     await ops.close()
