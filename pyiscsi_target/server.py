@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections import deque
 from functools import partial
 
 from .iscsi.connection import Close, Execute, IscsiConnection, SessionStarted, TaskManagement, TmfFunction
@@ -22,6 +23,15 @@ from .iscsi.session import PortalContext, TargetEntry
 from .scsi.command import TmfResponse
 
 log = logging.getLogger("pyiscsi_target.server")
+
+# Data-In a connection may owe before further commands wait for it to read.
+READ_BUDGET = 64 * 1024 * 1024
+
+
+def _owed(a: Execute) -> int:
+    """Data-In a command may produce: its expected length unless it carries Data-Out."""
+    return 0 if len(a.task.data_out) else a.task.expected_length
+
 
 # Stop reading from an initiator while this much of our output is still queued:
 # a client that does not read cannot make us buffer unbounded Data-In.
@@ -76,6 +86,11 @@ class IscsiProtocol(asyncio.Protocol):
         self._wq: list = []                 # output gathered during this loop iteration
         self._flush_scheduled = False
         self._in_receive = False
+        # Commands received but not started because the initiator is not
+        # reading what we already owe it (see _may_start).
+        self._held: deque = deque()
+        self._read_bytes = 0               # Data-In owed by commands started and not answered
+        self._writing_paused = False
 
     # -- asyncio callbacks -----------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -107,11 +122,14 @@ class IscsiProtocol(asyncio.Protocol):
             self._flush()
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if not self.transport.is_closing():
             self.transport.resume_reading()
+            self._start_held()
 
     def connection_lost(self, exc) -> None:
         self.server.protocols.discard(self)
@@ -149,11 +167,12 @@ class IscsiProtocol(asyncio.Protocol):
                 self.loop.call_soon(self._flush)
         for action in conn.take_actions():
             if type(action) is Execute:
-                t = action.device.submit(action.task, partial(self._scsi_done, action.itt))
-                if not t.done():
-                    self.tasks.add(t)
-                    t.add_done_callback(self.tasks.discard)
+                if self._held or not self._may_start(action):
+                    self._held.append(action)
+                else:
+                    self._start(action)
             elif type(action) is TaskManagement:
+                self._drop_held(action)
                 self._spawn(self._task_management(action))
             elif type(action) is SessionStarted:
                 if self.server.telemetry is not None:
@@ -178,11 +197,54 @@ class IscsiProtocol(asyncio.Protocol):
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
-    def _scsi_done(self, itt: int, result) -> None:
+    # -- starting commands, within a budget of Data-In owed --------------------------
+    def _may_start(self, a: Execute) -> bool:
+        """A client that stops reading must not make us produce unbounded
+        Data-In: while our output is paused, or while READ_BUDGET bytes of
+        reads are already owed, new commands wait here (in order) instead of
+        running.  One command always may run, so progress never stops."""
+        if self._writing_paused:
+            return False
+        return self._read_bytes == 0 or self._read_bytes + _owed(a) <= READ_BUDGET
+
+    def _start(self, a: Execute) -> None:
+        owed = _owed(a)
+        self._read_bytes += owed
+        t = a.device.submit(a.task, partial(self._scsi_done, a.itt, owed))
+        if not t.done():
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    def _start_held(self) -> None:
+        while self._held and self._may_start(self._held[0]):
+            self._start(self._held.popleft())
+
+    def _drop_held(self, tmf: TaskManagement) -> None:
+        """A TMF also covers commands still waiting to start: they end as aborted."""
+        if not self._held:
+            return
+        fn = tmf.function
+        keep = deque()
+        for a in self._held:
+            # Every held command is this connection's, so of the TMF's own nexus.
+            if fn == TmfFunction.ABORT_TASK:
+                hit = a.itt == tmf.rtt
+            else:
+                hit = fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET) or a.task.lun == tmf.lun
+            if hit:
+                self.conn.task_aborted(a.itt)
+            else:
+                keep.append(a)
+        self._held = keep
+
+    def _scsi_done(self, itt: int, owed: int, result) -> None:
+        self._read_bytes -= owed
         if result is None:           # aborted by a task management function
             self.conn.task_aborted(itt)
         else:
             self.conn.scsi_done(itt, result)
+        if self._held:
+            self._start_held()
         self._pump()
         if not self._in_receive and len(self.tasks) <= 1 and self._wq:
             # Nothing else in flight (this command's task is still counted):

@@ -35,6 +35,10 @@ from .task import DataOutError, WriteTransfer
 
 log = logging.getLogger("pyiscsi_target.connection")
 
+# The largest write a command may announce (Expected Data Transfer Length):
+# twice the largest MAXIMUM TRANSFER LENGTH any LU reports (32 MiB).
+MAX_WRITE_BUFFER = 64 * 1024 * 1024
+
 
 class Phase(enum.Enum):
     LOGIN = "login"
@@ -447,6 +451,11 @@ class IscsiConnection:
             if not pdu.immediate:
                 s.window.done()
             return
+        if pdu.write and expected > MAX_WRITE_BUFFER:
+            # Far above any LU's MAXIMUM TRANSFER LENGTH (VPD B0): only a broken
+            # or hostile initiator asks, and buffering it would cost that much memory.
+            return self._reject_cmd(rec, f"Expected Data Transfer Length {expected} above {MAX_WRITE_BUFFER}",
+                                    RejectReason.INVALID_PDU_FIELD)
         if pdu.write and expected:
             if data and not p.immediate_data:
                 return self._reject_cmd(rec, "immediate data, but ImmediateData=No")
@@ -465,8 +474,8 @@ class IscsiConnection:
             data = b""
         self._execute(pdu, lun, cdb, data)
 
-    def _reject_cmd(self, rec: Received, why: str) -> None:
-        self._protocol_reject(rec.raw_bhs, RejectReason.PROTOCOL_ERROR, why)
+    def _reject_cmd(self, rec: Received, why: str, reason: int = RejectReason.PROTOCOL_ERROR) -> None:
+        self._protocol_reject(rec.raw_bhs, reason, why)
         if not rec.bhs.immediate:
             self.session.window.done()
 

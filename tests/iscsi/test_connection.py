@@ -173,3 +173,14 @@ def test_task_reassign_is_not_supported_at_erl0():
     w = logged_in()
     (rsp, _), = w.send(TaskMgmtRequest(flags=0x88, itt=50, cmdsn=1, rtt=1))
     assert rsp.response == 4
+
+
+def test_write_announcing_more_than_the_buffer_cap_is_rejected_and_consumes_cmdsn():
+    from pyiscsi_target.iscsi.connection import MAX_WRITE_BUFFER
+    w = logged_in()
+    (rej, data), = w.send(ScsiCommand(flags=F_FINAL | F_WRITE | 1, itt=1, expected_length=MAX_WRITE_BUFFER + 512,
+                                      cmdsn=1, cdb=WRITE10.ljust(16, b"\0")))
+    assert isinstance(rej, Reject) and rej.reason == 0x09 and data[:1] == b"\x01"
+    assert not w.conn.transfers and not execs(w)
+    (nop, _), = w.send(NopOut(opbyte=0, itt=8, cmdsn=2))
+    assert isinstance(nop, NopIn) and nop.expcmdsn == 3
