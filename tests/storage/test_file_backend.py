@@ -420,13 +420,13 @@ def loopdev(tmp_path):
     import subprocess
 
     if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup for a loop block device")
+        pytest.fail("needs root and losetup for a loop block device (CI runs as root)")
     backing = tmp_path / "loop.img"
     with open(backing, "wb") as f:
         f.truncate(8 * MiB)
     r = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
     if r.returncode:
-        pytest.skip(f"losetup failed: {r.stderr.strip()}")
+        pytest.fail(f"losetup failed: {r.stderr.strip()}")
     dev = r.stdout.strip()
     try:
         yield dev, backing
