@@ -11,7 +11,7 @@ sockets: the ``tag`` is an opaque per-nexus task tag (SAM-5 §4.6), the
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class TaskAttribute(enum.IntEnum):
@@ -52,6 +52,16 @@ class Nexus:
     # The TransportID the initiator port would be named by in PR commands
     # (SPC-4 §7.6.4); filled by the fabric, opaque to everything but PR.
     transport_id: bytes = b""
+    # A nexus keys UA queues, task sets and PR state several times per
+    # command: hash it once, not on every lookup.
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.initiator_port, self.target_port,
+                                                self.relative_port_id, self.transport_id)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(slots=True)
