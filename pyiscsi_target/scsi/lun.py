@@ -149,6 +149,9 @@ class LogicalUnit:
         self.identity = identity
         self.block_size = block_size
         self.read_only = read_only
+        # Control mode page SWP (SPC-4 §7.5.8): write-protected by MODE SELECT
+        # until cleared or restart (saved pages are not implemented).
+        self.software_write_protect = False
         # VPD 0xB1 MEDIUM ROTATION RATE: 0 = not reported, 1 = non-rotating, else rpm.
         self.rotation_rate = rotation_rate
         # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-3 §5.16.2).

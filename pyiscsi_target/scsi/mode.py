@@ -23,6 +23,7 @@ __all__ = ["MODE_PAGES", "ModePage", "mode_sense6", "mode_sense10", "mode_select
 
 WP = 0x80  # device-specific parameter: write protected (SBC-3 §6.4.1)
 DPOFUA = 0x10  # device-specific parameter: DPO and FUA supported
+SWP = 0x08  # Control mode page byte 4: software write protect (SPC-4 §7.5.8)
 
 
 def _caching_current(lu: LogicalUnit) -> bytearray:
@@ -62,13 +63,26 @@ def _control_current(lu: LogicalUnit) -> bytearray:
     # (Windows rewrites QERR to 0 otherwise, §5.5).  TAS=0: commands aborted
     # for another nexus are reported with UNIT ATTENTION 2F/00.
     page[3] = 0x10
+    if lu.software_write_protect:
+        page[4] |= SWP
     return page
 
 
 def _control_changeable(lu: LogicalUnit) -> bytearray:
     page = bytearray(12)
     page[0], page[1] = 0x0A, 0x0A
+    page[4] = SWP  # software write protect, for every nexus (one Control page per LU)
     return page
+
+
+async def _control_apply(lu: LogicalUnit, page: memoryview) -> bool:
+    swp = bool(page[4] & SWP)
+    if swp == lu.software_write_protect:
+        return False
+    if swp:
+        await lu.backend.flush()  # SPC-4 §7.5.8: cached write data is written first
+    lu.software_write_protect = swp
+    return True
 
 
 def _iec_current(lu: LogicalUnit) -> bytearray:
@@ -92,16 +106,21 @@ class ModePage:
     changeable: Callable[[LogicalUnit], bytearray]
     # Apply a validated page; returns True if anything changed.
     apply: Callable[[LogicalUnit, memoryview], Awaitable[bool]] | None = None
+    # Bits of the current page that MODE SELECT set and the default lacks.
+    not_default: bytes = b""
 
     def default(self, lu: LogicalUnit) -> bytearray:
-        return self.current(lu)
+        page = self.current(lu)
+        for i, bits in enumerate(self.not_default):
+            page[i] &= ~bits & 0xFF
+        return page
 
 
 MODE_PAGES: dict[int, ModePage] = {
     p.code: p
     for p in (
         ModePage(0x08, 0x12, _caching_current, _caching_changeable, _caching_apply),
-        ModePage(0x0A, 0x0A, _control_current, _control_changeable),
+        ModePage(0x0A, 0x0A, _control_current, _control_changeable, _control_apply, bytes((0, 0, 0, 0, SWP))),
         ModePage(0x1C, 0x0A, _iec_current, _iec_changeable),
     )
 }
@@ -152,7 +171,7 @@ def _mode_sense(cmd: Command, ten: bool) -> Reply:
     for page in pages:
         body += _page_bytes(lu, page, pc)
     bd = b"" if dbd else _block_descriptor(lu, llbaa)
-    dev_specific = (WP if lu.read_only else 0) | DPOFUA
+    dev_specific = (WP if lu.read_only or lu.software_write_protect else 0) | DPOFUA
     if ten:
         header = bytearray(8)
         struct.pack_into(">H", header, 0, 6 + len(bd) + len(body))  # MODE DATA LENGTH excludes itself

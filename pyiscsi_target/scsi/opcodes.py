@@ -86,6 +86,12 @@ def _thin(lu: LogicalUnit) -> bool:
     return lu.thin
 
 
+def _thin_or_read_only(lu: LogicalUnit) -> bool:
+    """UNMAP: on a thin LU; on a read-only LU too, where it is a write like
+    any other and gets WRITE PROTECTED (libiscsi ReadOnly.ReadOnlySBC)."""
+    return lu.thin or lu.read_only
+
+
 IN, OUT = DataDirection.IN, DataDirection.OUT
 _ANY, _RD, _WR, _RSV = PrConflict.NONE, PrConflict.READ, PrConflict.WRITE, PrConflict.ANY_REGISTRATION
 
@@ -164,7 +170,8 @@ _SPECS: tuple[OpSpec, ...] = (
     OpSpec(0x34, "PRE-FETCH(10)", sbc.pre_fetch, _u("34 02 FF FF FF FF 1F FF FF 00"), pr_conflict=_RD),
     OpSpec(0x35, "SYNCHRONIZE CACHE(10)", sbc.synchronize_cache, _u("35 02 FF FF FF FF 1F FF FF 00"), pr_conflict=_WR),
     OpSpec(0x41, "WRITE SAME(10)", sbc.write_same, _u("41 08 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
-    OpSpec(0x42, "UNMAP", sbc.unmap, _u("42 00 00 00 00 00 1F FF FF 00"), OUT, supported=_thin, pr_conflict=_WR),
+    OpSpec(0x42, "UNMAP", sbc.unmap, _u("42 00 00 00 00 00 1F FF FF 00"), OUT, supported=_thin_or_read_only,
+           pr_conflict=_WR),
     OpSpec(0x88, "READ(16)", sbc.read, _u("88 1C FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD),
     OpSpec(0x89, "COMPARE AND WRITE", sbc.compare_and_write,
            _u("89 18 FF FF FF FF FF FF FF FF 00 00 00 FF 1F 00"), OUT, pr_conflict=_WR),

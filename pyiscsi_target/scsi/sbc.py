@@ -64,7 +64,9 @@ def write_data(cmd: Command, lu: LogicalUnit, blocks: int) -> memoryview:
 
 
 def check_writable(lu: LogicalUnit) -> None:
-    if lu.read_only:
+    """A read-only LU, or SWP=1 in the Control mode page (SPC-4 §7.5.8):
+    DATA PROTECT, WRITE PROTECTED."""
+    if lu.read_only or lu.software_write_protect:
         raise ScsiError(Reason.WRITE_PROTECTED)
 
 
@@ -126,6 +128,29 @@ async def write(cmd: Command) -> Reply:
     fua = cdb[0] >> 5 != 0 and bool(cdb[1] & FUA)  # WRITE(6) has no FUA bit
     async with lu.write_gate.shared():
         await write_medium(lu, lba, data, fua)
+    return None
+
+
+async def orwrite(cmd: Command) -> Reply:
+    """ORWRITE(16) (SBC-4): the medium becomes medium OR Data-Out, in one
+    read-modify-write atomic w.r.t. every other write (exclusive write gate,
+    as COMPARE AND WRITE).  ORPROTECT is rejected by the CDB mask (no PI)."""
+    lu = cmd.unit
+    cdb = cmd.cdb
+    lba, blocks, len_at = lba_and_length(cdb)
+    cmd.data_out_wanted = blocks * lu.block_size
+    check_writable(lu)
+    check_transfer(lu, blocks, len_at)
+    check_range(lu, lba, blocks)
+    data = write_data(cmd, lu, blocks)
+    if not data:
+        return None
+    blocks = len(data) // lu.block_size
+    async with lu.write_gate.exclusive():
+        current = await read_medium(lu, lba, blocks)
+        n = len(data)
+        merged = (int.from_bytes(current, "big") | int.from_bytes(data, "big")).to_bytes(n, "big")
+        await write_medium(lu, lba, merged, bool(cdb[1] & FUA))
     return None
 
 
@@ -236,6 +261,20 @@ async def read_capacity16(cmd: Command) -> Reply:
         data[14] = 0x80 | 0x40  # LBPME, LBPRZ (unmapped blocks read as zeros)
     # LOWEST ALIGNED LOGICAL BLOCK ADDRESS stays 0; no protection (P_TYPE, PROT_EN 0).
     return Command.allocation(data, alloc)
+
+
+async def read_defect_data(cmd: Command) -> Reply:
+    """READ DEFECT DATA(10)/(12) (SBC-3): an image has no defects,
+    so the list is empty, in whatever format was asked for.  PLISTV/GLISTV
+    echo REQ_PLIST/REQ_GLIST: the (empty) lists asked for are returned."""
+    cdb = cmd.cdb
+    if cdb[0] == 0x37:
+        flags, alloc = cdb[2], int.from_bytes(cdb[7:9], "big")
+        header = bytes((0, flags & 0x1F, 0, 0))  # DEFECT LIST LENGTH 0
+    else:
+        flags, alloc = cdb[1], int.from_bytes(cdb[6:10], "big")
+        header = bytes((0, flags & 0x1F)) + bytes(6)  # GENERATION CODE 0, DEFECT LIST LENGTH 0
+    return Command.allocation(header, alloc)
 
 
 # --- SYNCHRONIZE CACHE, PRE-FETCH (SBC-3 §5.22-5.23, §5.11-5.12) ---------------------

@@ -223,23 +223,25 @@ class ScsiTargetDevice:
 
     async def lun_reset(self, nexus: Nexus, lun: int) -> TmfResponse:
         """SAM-5 §7.8: abort every task on the LU (all nexuses), release the
-        SCSI-2 reservation, UA 29/03 to the other nexuses."""
+        SCSI-2 reservation, UA 29/03 to every nexus, the issuer's included
+        (SAM-5 §6.3.3: "every I_T nexus"; libiscsi MultipathIO.Reset)."""
         lu = self.lu_for(nexus, lun)
         if lu is None:
             return TmfResponse.LUN_DOES_NOT_EXIST
         entries = self._reset_lu(lu)
-        lu.unit_attentions.establish_all(Reason.BUS_DEVICE_RESET_FUNCTION_OCCURRED, except_nexus=nexus)
+        lu.unit_attentions.establish_all(Reason.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
         await TaskSet.abort(entries)
         return TmfResponse.COMPLETE
 
     async def target_reset(self, nexus: Nexus, cold: bool) -> TmfResponse:
         """SAM-5 §7.9 (warm) / iSCSI TARGET COLD RESET: a LU reset of every LU;
-        UA 29/02 (warm) or 29/01 POWER ON OCCURRED (cold) to other nexuses."""
+        UA 29/02 (warm) or 29/01 POWER ON OCCURRED (cold) to every nexus, the
+        issuer's included (SAM-5 §6.3.2 hard reset)."""
         reason = Reason.POWER_ON_OCCURRED if cold else Reason.SCSI_BUS_RESET_OCCURRED
         entries: list[TaskEntry] = []
         for lu in self.luns.values():
             entries += self._reset_lu(lu)
-            lu.unit_attentions.establish_all(reason, except_nexus=nexus)
+            lu.unit_attentions.establish_all(reason)
         await TaskSet.abort(entries)
         return TmfResponse.COMPLETE
 

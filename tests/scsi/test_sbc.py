@@ -77,6 +77,17 @@ async def test_write_protected():
     assert_good(await h.run(cdb10(0x28, 0, 1)))
 
 
+async def test_unmap_on_a_fully_provisioned_lu():
+    """UNMAP is unsupported on a fully provisioned LU, except a read-only one,
+    where it is write-protected like every write (libiscsi ReadOnly.ReadOnlySBC)."""
+    unmap = bytes([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0])
+    params = struct.pack(">HH4xQI4x", 22, 16, 0, 1)
+    h = await _h(thin=False, read_only=True)
+    assert_check(await h.run(unmap, params), Reason.WRITE_PROTECTED)
+    h = await _h(thin=False)
+    assert_check(await h.run(unmap, params), Reason.INVALID_COMMAND_OPERATION_CODE)
+
+
 async def test_fua_reaches_backend(h, lu):
     assert_good(await h.run(cdb10(0x2A, 0, 1, flags=0x08), bytes(BS)))
     assert lu.backend.fua_writes == 1
@@ -388,3 +399,57 @@ async def test_compare_and_write_atomic_against_writes(h, lu):
     assert_good(await t_write)
     lu.backend.read = orig_read
     assert bytes((await h.run(cdb10(0x28, 70, 1))).data_in) == b"C" * BS
+
+
+# --- ORWRITE(16), READ DEFECT DATA (libiscsi OrWrite.*, ReadDefectData*) ------------
+
+
+async def test_orwrite_ors_data_into_the_medium(h):
+    assert_good(await h.run(cdb10(0x2A, 10, 2), bytes([0x0F]) * BS + bytes([0x30]) * BS))
+    r = await h.run(cdb16(0x8B, 10, 2), bytes([0xA0]) * (2 * BS))
+    assert_good(r)
+    assert r.data_out_wanted == 2 * BS
+    got = bytes((await h.run(cdb10(0x28, 10, 2))).data_in)
+    assert got == bytes([0xAF]) * BS + bytes([0xB0]) * BS
+    assert bytes((await h.run(cdb10(0x28, 12, 1))).data_in) == bytes(BS)  # the next block untouched
+
+
+async def test_orwrite_errors(h, lu):
+    assert_good(await h.run(cdb16(0x8B, 0, 0)))  # zero blocks: GOOD, nothing written
+    assert_check(await h.run(cdb16(0x8B, BLOCKS - 1, 2), bytes(2 * BS)), Reason.LBA_OUT_OF_RANGE)
+    assert_check(await h.run(cdb16(0x8B, BLOCKS + 1, 0)), Reason.LBA_OUT_OF_RANGE)
+    assert_check(await h.run(cdb16(0x8B, 2**64 - 1, 1), bytes(BS)), Reason.LBA_OUT_OF_RANGE)
+    for orprotect in range(1, 8):  # no protection information: ORPROTECT is an invalid field
+        cdb = bytearray(cdb16(0x8B, 0, 1))
+        cdb[1] = orprotect << 5
+        assert_check(await h.run(bytes(cdb), bytes(BS)), Reason.INVALID_FIELD_IN_CDB, fp=1,
+                     bit=(orprotect << 5).bit_length() - 1)
+    cdb = bytearray(cdb16(0x8B, 0, 1))
+    cdb[1] = 0x18  # DPO, FUA accepted (DPOFUA=1 in MODE SENSE)
+    assert_good(await h.run(bytes(cdb), bytes(BS)))
+
+
+async def test_orwrite_write_protected():
+    h = await _h(read_only=True)
+    assert_check(await h.run(cdb16(0x8B, 0, 1), bytes(BS)), Reason.WRITE_PROTECTED)
+
+
+async def test_read_defect_data_is_an_empty_list(h):
+    r = await h.run(bytes([0x37, 0, 0x18 | 0x05, 0, 0, 0, 0, 0, 32, 0]))  # REQ_PLIST, REQ_GLIST, format 101b
+    assert_good(r)
+    assert bytes(r.data_in) == bytes([0, 0x1D, 0, 0])  # PLISTV GLISTV format, DEFECT LIST LENGTH 0
+    r = await h.run(bytes([0xB7, 0x08 | 0x03, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]))
+    assert_good(r)
+    assert bytes(r.data_in) == bytes([0, 0x0B]) + bytes(6)
+    r = await h.run(bytes([0x37, 0, 0, 0, 0, 0, 0, 0, 2, 0]))  # allocation length truncates
+    assert bytes(r.data_in) == bytes(2)
+    assert_check(await h.run(bytes([0x37, 1, 0, 0, 0, 0, 0, 0, 32, 0])), Reason.INVALID_FIELD_IN_CDB, fp=1, bit=0)
+
+
+async def test_new_commands_are_reported_supported(h):
+    for op in (0x8B, 0x37, 0xB7):
+        r = await h.run(bytes([0xA3, 0x0C, 0x01, op, 0, 0, 0, 0, 0x10, 0, 0, 0]))  # one command, no SA
+        assert_good(r)
+        assert r.data_in[1] & 0x07 == 0x03, hex(op)  # SUPPORT = 011b
+        assert r.data_in[4] == op
+

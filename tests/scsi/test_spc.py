@@ -8,7 +8,8 @@ from pyiscsi_target.scsi.command import Status
 from pyiscsi_target.scsi.sense import Reason
 from pyiscsi_target.scsi.target import ScsiTargetDevice
 
-from .conftest import BLOCKS, BS, NEXUS_A, NEXUS_B, TARGET_PORT, Harness, assert_check, assert_good, inquiry, make_lu
+from .conftest import (BLOCKS, BS, NEXUS_A, NEXUS_B, TARGET_PORT, Harness, assert_check, assert_good, cdb10, cdb16, inquiry,
+                       make_lu)
 
 
 async def _h(**lu_kw) -> Harness:
@@ -266,6 +267,31 @@ async def test_mode_select_errors(h, lu):
     bd = bytes([0, 0, 0, 8]) + struct.pack(">II", 0, BS) + page
     assert_good(await h.run(mode_select6(bd), bd))
     assert_good(await h.run(mode_select6(b""), b""))
+
+
+async def test_mode_select_swp_write_protects_the_lu_for_every_nexus(h, lu):
+    """Control mode page SWP (SPC-4 §7.5.8; libiscsi ModeSense6.Control-SWP,
+    Sanitize.Readonly): changeable; once set, writes from any nexus get DATA
+    PROTECT / WRITE PROTECTED, reads work, MODE SENSE shows WP and SWP."""
+    d = bytes((await h.run(ms6(0x0A, pc=1, dbd=True))).data_in)
+    assert d[4 + 4] == 0x08  # SWP changeable
+    page = bytearray(bytes((await h.run(ms6(0x0A, dbd=True))).data_in)[4:])
+    assert page[4] & 0x08 == 0
+    page[4] |= 0x08
+    assert_good(await h.run(mode_select6(bytes(4) + page), bytes(4) + page))
+    assert lu.backend.flush_calls  # cached writes reach the medium before protection
+    assert_check(await h.run(bytes(6), nexus=NEXUS_B), Reason.MODE_PARAMETERS_CHANGED)
+    for nexus in (NEXUS_A, NEXUS_B):
+        assert_check(await h.run(cdb10(0x2A, 0, 1), bytes(BS), nexus=nexus), Reason.WRITE_PROTECTED)
+        assert_check(await h.run(cdb16(0x8B, 0, 1), bytes(BS), nexus=nexus), Reason.WRITE_PROTECTED)
+        assert_good(await h.run(cdb10(0x28, 0, 1), nexus=nexus))
+    d = bytes((await h.run(ms6(0x0A, dbd=True))).data_in)
+    assert d[2] & 0x80 and d[4 + 4] & 0x08  # WP in the header, SWP in the page
+    d = bytes((await h.run(ms6(0x0A, pc=2, dbd=True))).data_in)
+    assert d[4 + 4] & 0x08 == 0  # the default is SWP=0
+    page[4] &= ~0x08
+    assert_good(await h.run(mode_select6(bytes(4) + page), bytes(4) + page))
+    assert_good(await h.run(cdb10(0x2A, 0, 1), bytes(BS)))
 
 
 async def test_mode_select_short_data_out(h):

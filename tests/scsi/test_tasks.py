@@ -106,9 +106,11 @@ async def test_lun_reset(gated):
     for t in (a, b):
         with pytest.raises(asyncio.CancelledError):
             await t
-    assert_good(await h.run(tur(), nexus=NEXUS_A))  # the issuer gets no UA
-    assert_check(await h.run(tur(), nexus=NEXUS_B), Reason.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
-    assert_good(await h.run(tur(), nexus=NEXUS_B, lun=1))  # other LU untouched
+    # SAM-5 §6.3.3: every I_T nexus gets 29/03, the issuer's too (libiscsi MultipathIO.Reset).
+    for n in (NEXUS_A, NEXUS_B):
+        assert_check(await h.run(tur(), nexus=n), Reason.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+        assert_good(await h.run(tur(), nexus=n))  # reported once
+        assert_good(await h.run(tur(), nexus=n, lun=1))  # other LU untouched
     assert await h.device.lun_reset(NEXUS_A, 9) == TmfResponse.LUN_DOES_NOT_EXIST
 
 
@@ -120,9 +122,10 @@ async def test_target_reset(gated, cold, reason):
     assert await h.device.target_reset(NEXUS_A, cold) == TmfResponse.COMPLETE
     with pytest.raises(asyncio.CancelledError):
         await a
-    for lun in (0, 1):
-        assert_check(await h.run(tur(), nexus=NEXUS_B, lun=lun), reason)
-        assert_good(await h.run(tur(), nexus=NEXUS_A, lun=lun))
+    for lun in (0, 1):  # every nexus, the issuer's included (SAM-5 §6.3.2)
+        for n in (NEXUS_A, NEXUS_B):
+            assert_check(await h.run(tur(), nexus=n, lun=lun), reason)
+            assert_good(await h.run(tur(), nexus=n, lun=lun))
 
 
 async def test_ordered_waits_for_earlier_and_blocks_later_simple(gated):
