@@ -207,6 +207,26 @@ class Operations:
         return {"ok": False, "error": f"unknown op {op!r}; known: status, reload"}
 
 
+# sockaddr_un holds about 108 bytes: a deep state_dir would not fit.
+_SUN_PATH_MAX = 100
+
+
+@contextlib.contextmanager
+def _unix_name(path: Path):
+    """A name for bind()/connect() that fits sockaddr_un: the path itself, or,
+    when it is too long, the same file reached through an O_PATH descriptor of
+    its directory (``/proc/self/fd/N/name``, Linux)."""
+    name = str(path)
+    if len(os.fsencode(name)) <= _SUN_PATH_MAX or not hasattr(os, "O_PATH"):
+        yield name
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 async def _claim_socket_path(path: Path) -> None:
     """Remove a stale socket left by a crashed server; refuse if a live server
     answers there (two servers on one state_dir would fight over PR state)."""
@@ -217,7 +237,8 @@ async def _claim_socket_path(path: Path) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(f"{path} exists and is not a socket; refusing to replace it")
     try:
-        _r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2)
+        with _unix_name(path) as name:
+            _r, w = await asyncio.wait_for(asyncio.open_unix_connection(name), 2)
     except (OSError, asyncio.TimeoutError):
         path.unlink()
         return
@@ -235,7 +256,8 @@ def _bound_private_unix_socket(path: Path) -> socket.socket:
         tmp.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(str(tmp))
+        with _unix_name(tmp) as name:
+            sock.bind(name)
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
         sock.listen(16)
@@ -475,7 +497,8 @@ def request(ep: Endpoint, op: str, timeout: float = 60.0) -> dict:
                 raise AdminError('Unix sockets are not available here; set [admin] transport = "tcp"')
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
-            s.connect(str(ep.path))
+            with _unix_name(Path(ep.path)) as name:
+                s.connect(name)
         else:
             if ep.token_file is not None:
                 try:
