@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="least severe messages logged to stderr: DEBUG, INFO (default), WARNING, ERROR",
     )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text lines (default) or JSON, one object per line: time, level, logger, message and fields such "
+        "as event, initiator and address on logins, logouts and refusals.  CHAP secrets are never logged",
+    )
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser(
@@ -103,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format=LOG_FORMAT, stream=sys.stderr, force=True)
+def _setup_logging(level: str, fmt: str = "text", config: Config | None = None) -> None:
+    from . import logs
+
+    logs.setup(level, fmt, sys.stderr, config)
 
 
 def _err(msg: str) -> None:
@@ -117,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return EXIT_CONFIG
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format, config)
     from . import server  # the fabric and the SCSI core load only when serving
 
     logging.getLogger("pyiscsi_target").info("pyiscsi-target %s, config %s", __version__, config.source)
@@ -148,6 +157,7 @@ def summarize(config: Config) -> str:
         f"ImmediateData {'Yes' if i.immediate_data else 'No'}, InitialR2T {'Yes' if i.initial_r2t else 'No'}, "
         f"digests {'/'.join(i.header_digest)} (header) {'/'.join(i.data_digest)} (data)",
     ]
+    out += _operations_summary(config, portal)
     for w in getattr(config, "warnings", ()):
         out.append(f"warning:   {w}")
     dchap = getattr(config, "discovery_chap", None)
@@ -187,6 +197,23 @@ def summarize(config: Config) -> str:
                 flags.append(f"{lun.rotation_rate} rpm")
             out.append(f"  LUN {lun.id}: {lun.path}  {size}  ({state}; {', '.join(flags)})")
     return "\n".join(out)
+
+
+def _operations_summary(config: Config, portal) -> list[str]:
+    """Where status/reload reach the server, and where metrics and the dashboard are."""
+    a, m = config.admin, config.metrics
+    if not a.enabled:
+        admin = "disabled ([admin] enabled = false): no status or reload; SIGHUP still reloads"
+    elif a.transport == "unix":
+        admin = f"unix socket {a.socket or Path(config.server.state_dir) / 'admin.sock'} (mode 0600)"
+    else:
+        admin = f"tcp {portal(*a.listen)}, token in {Path(config.server.state_dir) / 'admin.token'}"
+    if m.listen is None:
+        metrics = "not served (set [metrics] listen)"
+    else:
+        url = f"http://{portal(*m.listen)}/"
+        metrics = f"{url}metrics (Prometheus), dashboard {url}"
+    return [f"admin:     {admin}", f"metrics:   {metrics}"]
 
 
 def _chap_summary(c) -> str:

@@ -319,6 +319,9 @@ class Reloader:
             server=_keep(new.server, old.server, ("listen", "state_dir", "max_connections_total",
                                                   "max_connections_per_address", "login_failure_delay")),
             cache=old.cache, admin=old.admin, metrics=old.metrics)
+        from .logs import add_secrets, secrets_of
+
+        add_secrets(secrets_of(new))  # new CHAP secrets are redacted from the log too
 
 
 def _access(t: TargetConfig) -> tuple:

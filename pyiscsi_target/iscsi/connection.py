@@ -184,6 +184,14 @@ class IscsiConnection:
             name = self.login.neg.params.initiator_name
         return f"{name or '?'} from {peer_description(self.peer)}"
 
+    def log_fields(self, event: str, **more: Any) -> dict[str, Any]:
+        """Structured fields of a log line about this connection (``extra=``;
+        JSON logs show them): event, initiator name, address, and ``more``."""
+        name = self.session.initiator_name if self.session else None
+        if name is None and self.login.neg is not None:
+            name = self.login.neg.params.initiator_name
+        return {"event": event, "initiator": name, "address": peer_description(self.peer), **more}
+
     # -- login phase ------------------------------------------------------------
     def _login_header_ok(self) -> bool:
         """Before login completes only Login Requests of at most 8192 bytes of
@@ -223,7 +231,8 @@ class IscsiConnection:
         try:
             rsp, text = self.login.receive(req, rec.data)
         except LoginFailure as exc:
-            log.warning("login refused: %s: %s (status 0x%04x)", self._who(), exc.message, exc.status)
+            log.warning("login refused: %s: %s (status 0x%04x)", self._who(), exc.message, exc.status,
+                        extra=self.log_fields("login_refused", reason=exc.message, status=f"0x{exc.status:04x}"))
             self._send(self.login.failure_response(req, exc))
             self.close(exc.message)
             return
@@ -254,7 +263,10 @@ class IscsiConnection:
         self._actions.append(SessionStarted(s, [c for c in result.reinstated if c is not self]))
         log.info("login: %s %s session to %s, ISID %s TSIH %d CID %d, digests %s/%s", self._who(),
                  s.session_type, s.target.name if s.target else "discovery", s.isid.hex(), s.tsih,
-                 self.cid, "CRC32C" if self.header_digest else "None", "CRC32C" if self.data_digest else "None")
+                 self.cid, "CRC32C" if self.header_digest else "None", "CRC32C" if self.data_digest else "None",
+                 extra=self.log_fields("login", session_type=s.session_type,
+                                       target=s.target.name if s.target else None, isid=s.isid.hex(),
+                                       tsih=s.tsih, cid=self.cid))
 
     def session_reinstated(self) -> None:
         """This connection's session was replaced by a new login (§6.3.5)."""
@@ -419,7 +431,9 @@ class IscsiConnection:
             targets, response = [], 2
         self._send(LogoutResponse(response=response, itt=pdu.itt, statsn=self._next_statsn(), expcmdsn=exp,
                                   maxcmdsn=mx, time2wait=p.default_time2wait, time2retain=p.default_time2retain))
-        log.info("logout: %s reason %d response %d", self._who(), pdu.reason, response)
+        log.info("logout: %s reason %d response %d", self._who(), pdu.reason, response,
+                 extra=self.log_fields("logout", target=self.session.target.name if self.session.target else None,
+                                       tsih=self.session.tsih, cid=self.cid, reason=pdu.reason, response=response))
         for c in targets:
             if c is not self:
                 c.close("logged out by another connection")
@@ -464,6 +478,11 @@ class IscsiConnection:
             more_unsolicited = not pdu.final
             if more_unsolicited and p.initial_r2t:
                 return self._reject_cmd(rec, "unsolicited data with InitialR2T=Yes")
+            if len(data) == expected and not more_unsolicited:
+                # All the data came as immediate data (the usual case for writes
+                # up to FirstBurstLength): hand the PDU's own buffer over, no copy.
+                self._execute(pdu, lun, cdb, data)
+                return
             t = WriteTransfer(itt, lun, expected, data, more_unsolicited, p.first_burst_length, pdu, rec)
             if not t.complete:
                 self.transfers[itt] = t

@@ -90,14 +90,14 @@ class RunningTarget:
 
 
 def start_target(config: Path, host: str, port: int, *, log_name: str = "server.log",
-                 timeout: float = 20.0) -> RunningTarget:
+                 timeout: float = 20.0, args: tuple[str, ...] = ()) -> RunningTarget:
     log = config.parent / log_name
     fh = open(log, "ab")
     # Run the checkout under test, whatever an editable install elsewhere points at.
     repo = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.Popen([sys.executable, "-m", "pyiscsi_target", "serve", str(config), "--log-level", "DEBUG"],
+    proc = subprocess.Popen([sys.executable, "-m", "pyiscsi_target", "serve", str(config), "--log-level", "DEBUG", *args],
                             stdout=fh, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
     fh.close()
     deadline = time.monotonic() + timeout
