@@ -151,7 +151,8 @@ class IscsiProtocol(asyncio.Protocol):
                 if s.nexus is not None and self.server.ctx.sessions.find(s.key) is None:
                     s.target.device.remove_nexus(s.nexus)
         if s is not None:
-            log.info("connection closed: %s TSIH %d CID %d", conn._who(), s.tsih, conn.cid)
+            log.info("connection closed: %s TSIH %d CID %d", conn._who(), s.tsih, conn.cid,
+                     extra=conn.log_fields("disconnect", tsih=s.tsih, cid=conn.cid))
 
     # -- running what the connection asks for -------------------------------------
     def _pump(self) -> None:
@@ -331,7 +332,8 @@ class TargetServer:
         if why is None:
             return True
         if self.limiter.should_log(peer[0], proto.loop.time()):
-            log.warning("connection refused: %s: %s", _fmt_addr(peer), why)
+            log.warning("connection refused: %s: %s", _fmt_addr(peer), why,
+                        extra={"event": "connection_refused", "address": _fmt_addr(peer), "reason": why})
         return False
 
     def slow_down(self, proto: IscsiProtocol) -> None:
@@ -424,7 +426,13 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
             await dev.close()
         return 1
     log.info("serving %d target(s): %s", len(server.devices), ", ".join(server.devices))
-    await stop.wait()
+    try:
+        await stop.wait()
+    except asyncio.CancelledError:
+        # Windows: no loop signal handlers, so Ctrl-C (also how NSSM stops a
+        # service) makes asyncio.run cancel this task.  Stop as on SIGTERM:
+        # close the sessions and flush every LUN (write-back data included).
+        log.info("interrupted")
     await ops.close()
     log.info("shutting down: closing sessions and flushing LUNs")
     await server.stop()

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 from .base import StorageError
+from .portable import fdatasync as _fdatasync, pread as _pread, pwrite as _pwrite
 
 __all__ = ["FileBackend", "open_image", "create_image", "set_io_threads"]
 
@@ -123,7 +124,7 @@ def _storage_error(exc: OSError, what: str, path: str) -> StorageError:
 def _write_zeros(fd: int, offset: int, length: int) -> None:
     end = offset + length
     while offset < end:
-        n = os.pwrite(fd, memoryview(_ZERO_CHUNK)[: min(len(_ZERO_CHUNK), end - offset)], offset)
+        n = _pwrite(fd, memoryview(_ZERO_CHUNK)[: min(len(_ZERO_CHUNK), end - offset)], offset)
         if n <= 0:  # pragma: no cover - pwrite never returns 0 for a regular file
             raise OSError(errno.EIO, "pwrite wrote nothing")
         offset += n
@@ -406,7 +407,7 @@ class FileBackend:
             if _HAVE_PREADV:
                 n = os.preadv(fd, [mv[done:]], offset + done)
             else:  # pragma: no cover - Windows / old platforms
-                chunk = os.pread(fd, length - done, offset + done)
+                chunk = _pread(fd, length - done, offset + done)
                 n = len(chunk)
                 mv[done : done + n] = chunk
             if n == 0:
@@ -447,12 +448,12 @@ class FileBackend:
                     self._dsync_write = dsync = False
                     continue
             else:
-                n = os.pwrite(fd, mv[done:], offset + done)
+                n = _pwrite(fd, mv[done:], offset + done)
             if n <= 0:  # pragma: no cover
                 raise OSError(errno.EIO, "pwrite wrote nothing")
             done += n
         if fua and not dsync:
-            os.fdatasync(fd)
+            _fdatasync(fd)
 
     async def writev(self, offset: int, buffers: list[memoryview]) -> None:
         """One ``pwritev`` of several buffers at ``offset`` (the cache merges
@@ -468,7 +469,7 @@ class FileBackend:
             if _HAVE_PWRITEV:
                 n = os.pwritev(fd, bufs, offset)
             else:  # pragma: no cover - Windows
-                n = os.pwrite(fd, bufs[0], offset)
+                n = _pwrite(fd, bufs[0], offset)
             if n <= 0:  # pragma: no cover
                 raise OSError(errno.EIO, "pwritev wrote nothing")
             offset += n
@@ -483,7 +484,7 @@ class FileBackend:
             raise StorageError(errno.EBADF, f"{self.path}: image is closed")
         if self.read_only:
             return
-        await self._run("cannot flush", os.fdatasync, self._fd)
+        await self._run("cannot flush", _fdatasync, self._fd)
 
     async def discard(self, offset: int, length: int) -> None:
         fd = self._check(offset, length, True)
@@ -566,7 +567,7 @@ class FileBackend:
             while self._pending:
                 await asyncio.wait([asyncio.wrap_future(f) for f in list(self._pending)])
             if not self.read_only:
-                await asyncio.wrap_future(_get_executor().submit(os.fdatasync, self._fd))
+                await asyncio.wrap_future(_get_executor().submit(_fdatasync, self._fd))
         except OSError as e:
             raise _storage_error(e, "cannot flush", self.path) from e
         finally:

@@ -41,6 +41,9 @@ from collections.abc import Callable
 import crc32c as _crc32c
 
 from .base import Backend, StorageError
+from .portable import fdatasync as _fdatasync, pread as _pread, pwrite as _pwrite
+
+_HAVE_PWRITEV = hasattr(os, "pwritev")  # not on Windows
 
 __all__ = ["Journal", "JournalError", "RECORD_HEADER"]
 
@@ -107,7 +110,7 @@ class Journal:
         try:
             parent = os.path.dirname(os.path.abspath(p))
             os.makedirs(parent, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o600)
         except OSError as e:
             raise JournalError(e.errno or errno.EIO, f"cannot open journal {p}: {e.strerror}") from e
         try:
@@ -123,7 +126,7 @@ class Journal:
             best = None
             if st.st_size >= DATA_START:
                 for slot in (0, 1):
-                    raw = os.pread(fd, _HDR.size, slot * SLOT)
+                    raw = _pread(fd, _HDR.size, slot * SLOT)
                     if len(raw) < _HDR.size:
                         continue
                     magic, ver, counter, gen, tail, cap, isize, crc = _HDR.unpack(raw)
@@ -133,7 +136,7 @@ class Journal:
                         raise JournalError(errno.EINVAL, f"{p}: journal format {ver} is not supported")
                     if best is None or counter > best[0]:
                         best = (counter, gen, tail, cap, isize)
-                if best is None and any(os.pread(fd, DATA_START, 0)):
+                if best is None and any(_pread(fd, DATA_START, 0)):
                     raise JournalError(
                         errno.EINVAL, f"{p}: exists but is not a pyiscsi-target journal (no valid header); refusing to use it"
                     )
@@ -167,7 +170,7 @@ class Journal:
         while n:
             phys = pos % self.capacity
             k = min(n, self.capacity - phys)
-            chunk = os.pread(self._fd, k, DATA_START + phys)
+            chunk = _pread(self._fd, k, DATA_START + phys)
             if len(chunk) < k:
                 chunk += bytes(k - len(chunk))  # never written: zeros, invalid record
             out += chunk
@@ -233,8 +236,8 @@ class Journal:
         tail = self.tail if tail is None else tail
         body = _HDR.pack(_HDR_MAGIC, _VERSION, self._counter, self.gen, tail, self.capacity, self.image_size, 0)
         raw = body[:-4] + struct.pack(">I", _crc32c.crc32c(body[:-4]))
-        os.pwrite(self._fd, raw, (self._counter % 2) * SLOT)
-        os.fdatasync(self._fd)
+        _pwrite(self._fd, raw, (self._counter % 2) * SLOT)
+        _fdatasync(self._fd)
 
     # -- appending ------------------------------------------------------------------
 
@@ -339,14 +342,17 @@ class Journal:
                 put(data)
         if bufs:
             self._pwritev(bufs, phys_start)
-        os.fdatasync(self._fd)
+        _fdatasync(self._fd)
         self.stats["bytes"] += written
 
     def _pwritev(self, bufs: list, phys: int) -> None:
         off = DATA_START + phys
         bufs = list(bufs)
         while bufs:
-            n = os.pwritev(self._fd, bufs, off)
+            if _HAVE_PWRITEV:
+                n = os.pwritev(self._fd, bufs, off)
+            else:  # Windows: one buffer at a time
+                n = _pwrite(self._fd, bufs[0], off)
             off += n
             while bufs and n >= len(bufs[0]):
                 n -= len(bufs[0])
