@@ -74,7 +74,11 @@ def access_list(t) -> AccessList | None:
     return AccessList.build(inits, nets) if inits or nets else None
 
 
-class IscsiProtocol(asyncio.Protocol):
+class IscsiProtocol(asyncio.BufferedProtocol):
+    """One TCP connection.  A BufferedProtocol: the socket reads straight into
+    the connection's buffers, so a large data segment is copied once, kernel
+    to its final buffer (see PduReader.get_buffer)."""
+
     def __init__(self, server: "TargetServer"):
         self.server = server
         self.loop = asyncio.get_running_loop()
@@ -107,8 +111,18 @@ class IscsiProtocol(asyncio.Protocol):
         self.server.slow_down(self)                # after refused logins from this source
         self._arm_timer()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes, self.loop.time())
+        self._after_input()
+
+    def data_received(self, data: bytes) -> None:   # plain Protocol use (tests, other loops)
         self.conn.receive_data(data, self.loop.time())
+        self._after_input()
+
+    def _after_input(self) -> None:
         # Commands that finish in their first step answer inside this call;
         # their responses join this chunk's batch (flushed just below).
         self._in_receive = True
@@ -133,6 +147,12 @@ class IscsiProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.server.protocols.discard(self)
+        self._held.clear()
+        if self.conn is not None:
+            # Free the receive buffers now, not when the cyclic GC gets to
+            # the protocol <-> connection cycle (many short connections).
+            self.conn.reader.release()
+            self.conn.protocol = None
         if self._timer:
             self._timer.cancel()
         conn = self.conn

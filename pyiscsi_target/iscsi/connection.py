@@ -154,10 +154,25 @@ class IscsiConnection:
             self._actions.append(Close(reason))
 
     def receive_data(self, data, now: float = 0.0) -> None:
+        """Bytes from the peer (a copy the caller may reuse afterwards)."""
         if self.phase is Phase.CLOSED:
             return
-        self.last_rx = now
         self.reader.feed(data)
+        self._process(now)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """For asyncio.BufferedProtocol: where the socket should read into."""
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int, now: float = 0.0) -> None:
+        """``nbytes`` were read into the last :meth:`get_buffer`."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.reader.buffer_updated(nbytes)
+        self._process(now)
+
+    def _process(self, now: float) -> None:
+        self.last_rx = now
         while self.phase is not Phase.CLOSED:
             if self.phase is Phase.LOGIN and not self._login_header_ok():
                 return

@@ -16,6 +16,14 @@ from . import digest as _digest
 from .pdu import BHS_LEN, PduFormatError, RejectReason, decode_bhs
 
 DIGEST_LEN = _digest.DIGEST_LEN
+#: A data segment at least this large, not yet complete, is received straight
+#: into a buffer of its own (one copy, kernel to final buffer, instead of three).
+DIRECT_ABOVE = 32 * 1024
+#: Where BufferedProtocol reads land when no large segment is in progress.
+SCRATCH_SIZE = 256 * 1024
+COMPACT_ABOVE = 256 * 1024
+_SCRATCH = bytearray(SCRATCH_SIZE)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
@@ -28,15 +36,17 @@ class Received:
     bhs: object                      # a pdu.* dataclass
     raw_bhs: bytes                   # the 48 bytes, for a Reject's data segment
     ahs: bytes
-    data: bytes                      # the data segment without padding
+    data: bytes | memoryview         # the data segment without padding
     data_digest_ok: bool = True
     oversized: bool = False          # data longer than our MaxRecvDataSegmentLength: skipped
+    unknown: bool = False            # an unknown opcode whose data was received (raised later)
 
 
 class PduReader:
     """Feed bytes with :meth:`feed`; take PDUs with :meth:`next_pdu` until None."""
 
-    __slots__ = ("_buf", "_pos", "header_digest", "data_digest", "max_data_len", "_skip", "_pending")
+    __slots__ = ("_buf", "_pos", "header_digest", "data_digest", "max_data_len", "_skip", "_pending",
+                 "_direct", "_scratch")
 
     def __init__(self, max_data_len: int = 8192):
         self._buf = bytearray()
@@ -47,6 +57,39 @@ class PduReader:
         self.max_data_len = max_data_len
         self._skip = 0                 # bytes of an oversized data segment still to drop
         self._pending: Received | None = None
+        # A large data segment being received straight into its own buffer:
+        # [dest, have, raw, ahs, dlen, padded] (see _start_direct).
+        self._direct: list | None = None
+        self._scratch: bytearray | None = None
+
+    # -- BufferedProtocol side: the socket reads straight into our buffers ------
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go: the rest of a large data segment
+        (no copy at all), else a scratch area that :meth:`buffer_updated` feeds."""
+        d = self._direct
+        if d is not None:
+            return memoryview(d[0])[d[1]:]
+        # One scratch area for every connection: asyncio calls get_buffer, the
+        # read and buffer_updated back to back for one connection, and
+        # buffer_updated copies the bytes out before anyone else reads.
+        self._scratch = _SCRATCH
+        return _SCRATCH_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        d = self._direct
+        if d is not None:
+            d[1] += nbytes
+            if d[1] == len(d[0]):
+                self._finish_direct()
+            return
+        self.feed(_SCRATCH_VIEW[:nbytes])
+
+    def release(self) -> None:
+        """Drop every buffer (the connection is gone)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._direct = None
+        self._pending = None
 
     def feed(self, data) -> None:
         if self._skip:
@@ -55,11 +98,54 @@ class PduReader:
             data = data[n:]
             if not data:
                 return
+        d = self._direct
+        if d is not None:
+            dest, have = d[0], d[1]
+            n = min(len(dest) - have, len(data))
+            dest[have:have + n] = data[:n]
+            d[1] = have + n
+            data = data[n:]
+            if d[1] == len(dest):
+                self._finish_direct()
+            if not len(data):
+                return
         buf = self._buf
         if self._pos and self._pos == len(buf):
             buf.clear()
             self._pos = 0
+        elif self._pos > COMPACT_ABOVE:
+            # Drop the consumed prefix, or a stream that never ends on a PDU
+            # boundary would grow the buffer forever.
+            del buf[:self._pos]
+            self._pos = 0
         buf += data
+
+    def _start_direct(self, pos: int, hlen: int, raw: bytes, ahs: bytes, dlen: int, padded: int,
+                      ddlen: int) -> None:
+        """The rest of this PDU goes straight into a buffer of its own."""
+        buf = self._buf
+        dest = bytearray(padded + ddlen)
+        have = len(buf) - pos - hlen
+        dest[:have] = memoryview(buf)[pos + hlen:]
+        buf.clear()
+        self._pos = 0
+        self._direct = [dest, have, raw, ahs, dlen, padded]
+
+    def _finish_direct(self) -> None:
+        dest, _, raw, ahs, dlen, padded = self._direct
+        self._direct = None
+        ok = True
+        if len(dest) > padded:
+            ok = _digest.unpack_digest(dest, padded) == _digest.digest_value(memoryview(dest)[:padded])
+        try:
+            bhs = decode_bhs(raw)
+        except PduFormatError:
+            bhs = None
+        view = memoryview(dest)[:dlen]
+        if bhs is None:
+            self._pending = Received(None, raw, ahs, view, ok, unknown=True)
+        else:
+            self._pending = Received(bhs, raw, ahs, view, ok)
 
     def peek_header(self) -> bytes | None:
         """The next BHS's 48 bytes once they are here (for checks before its data arrives)."""
@@ -82,7 +168,14 @@ class PduReader:
             if self._skip:
                 return None
             done, self._pending = self._pending, None
+            if done.unknown:
+                exc = PduFormatError(f"unknown opcode 0x{done.raw_bhs[0] & 0x3F:02x}",
+                                     RejectReason.COMMAND_NOT_SUPPORTED)
+                exc.raw_bhs = done.raw_bhs
+                raise exc
             return done
+        if self._direct is not None:
+            return None
         buf, pos = self._buf, self._pos
         avail = len(buf) - pos
         if avail < BHS_LEN:
@@ -119,6 +212,8 @@ class PduReader:
             return rec
         total = hlen + padded + ddlen
         if avail < total:
+            if padded >= DIRECT_ABOVE:
+                self._start_direct(pos, hlen, raw, ahs, dlen, padded, ddlen)
             return None
         dstart = pos + hlen
         # One copy out of the receive buffer (slicing the bytearray first would be two).
