@@ -462,6 +462,9 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
 
 def run(config) -> int:
     """Run the target until SIGINT/SIGTERM; returns the process exit status."""
+    from .tuning import tune_malloc
+
+    tune_malloc()
     if sys.platform != "win32":
         try:
             import uvloop
