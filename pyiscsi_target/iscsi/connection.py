@@ -34,6 +34,8 @@ from .session import PortalContext, Session
 from .task import DataOutError, WriteTransfer
 
 log = logging.getLogger("pyiscsi_target.connection")
+_PACK_DATA_IN = DataIn._S.pack
+_PACK_SCSI_RESPONSE = ScsiResponse._S.pack
 
 # The largest write a command may announce (Expected Data Transfer Length):
 # twice the largest MAXIMUM TRANSFER LENGTH any LU reports (32 MiB).
@@ -606,9 +608,9 @@ class IscsiConnection:
                 return
         sense = result.sense
         payload = (len(sense).to_bytes(2, "big") + sense) if sense else b""
-        self._send(ScsiResponse(flags=flags, response=0, status=result.status, itt=itt,
-                                statsn=self._next_statsn(), expcmdsn=exp, maxcmdsn=mx,
-                                expdatasn=datasn or r2ts, residual=residual), payload)
+        hdr = _PACK_SCSI_RESPONSE(Opcode.SCSI_RESPONSE, flags, 0, result.status, len(payload), itt, 0,
+                                  self._next_statsn(), exp, mx, datasn or r2ts, 0, residual)
+        self._out.extend(encode_pdu(hdr, payload, header_digest=self.header_digest, data_digest=self.data_digest))
 
     def _send_data_in(self, pdu: ScsiCommand, data, result: ScsiResult, rflags: int, residual: int,
                       exp: int, mx: int) -> int:
@@ -638,9 +640,15 @@ class IscsiConnection:
                 statsn = self._next_statsn()
                 status = result.status
                 res = residual
-            hdr = DataIn(flags=flags, status=status, lun=pdu.lun, itt=pdu.itt, ttt=ALL_ONES, statsn=statsn,
-                         expcmdsn=exp, maxcmdsn=mx, datasn=datasn, buffer_offset=off, residual=res)
-            out.extend(encode_pdu(hdr.encode(n), view[off:off + n], header_digest=hd, data_digest=dd))
+            # Packed straight from the DataIn layout (pdu.DataIn field order): no
+            # dataclass per PDU on the hottest path.
+            hdr = _PACK_DATA_IN(Opcode.DATA_IN, flags, status, n, pdu.lun, pdu.itt, ALL_ONES, statsn,
+                                exp, mx, datasn, off, res)
+            if hd or dd or n & 3:
+                out.extend(encode_pdu(hdr, view[off:off + n], header_digest=hd, data_digest=dd))
+            else:
+                out.append(hdr)
+                out.append(view[off:off + n])
             datasn += 1
             off += n
         return datasn

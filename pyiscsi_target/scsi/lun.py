@@ -105,6 +105,17 @@ class WriteGate:
             self._shared -= 1
         self._wake()
 
+    def try_shared(self) -> bool:
+        """Take the gate shared if that needs no waiting (the per-WRITE fast
+        path: no async context manager objects); pair with release_shared()."""
+        if self._exclusive or self._waiters:
+            return False
+        self._shared += 1
+        return True
+
+    def release_shared(self) -> None:
+        self._release(False)
+
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         await self._acquire(False)

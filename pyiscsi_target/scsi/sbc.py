@@ -126,7 +126,14 @@ async def write(cmd: Command) -> Reply:
     if not data:
         return None
     fua = cdb[0] >> 5 != 0 and bool(cdb[1] & FUA)  # WRITE(6) has no FUA bit
-    async with lu.write_gate.shared():
+    gate = lu.write_gate
+    if gate.try_shared():
+        try:
+            await write_medium(lu, lba, data, fua)
+        finally:
+            gate.release_shared()
+        return None
+    async with gate.shared():
         await write_medium(lu, lba, data, fua)
     return None
 
