@@ -128,7 +128,7 @@ async def test_journal_without_linux_calls(tmp_path, no_linux_calls):
     await img.close()
 
 
-async def test_served_without_signal_handlers_or_sighup(tmp_path, no_linux_calls, monkeypatch):
+async def test_served_without_signal_handlers_or_sighup(tmp_path, no_linux_calls, monkeypatch, caplog):
     """Windows' event loop has no add_signal_handler and signal has no SIGHUP:
     the server still starts, serves a session (READ/WRITE), answers status
     over the TCP admin transport, and stops cleanly."""
@@ -151,20 +151,23 @@ async def test_served_without_signal_handlers_or_sighup(tmp_path, no_linux_calls
     cfg = write_config(tmp_path, port)
     cfg.write_text(cfg.read_text() + f'\n[admin]\ntransport = "tcp"\nlisten = "127.0.0.1:{aport}"\n')
     config = load_config(cfg)
+    caplog.set_level("INFO", logger="pyiscsi_target")
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, stop=stop))
 
-    def client() -> bytes:
-        import socket
-        import time
-        deadline = time.monotonic() + 20
+    async def listening() -> None:
+        deadline = loop.time() + 30
         while True:
+            assert not task.done(), f"serve ended early: {task.result()}\n{caplog.text[-3000:]}"
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                return
             except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+                assert loop.time() < deadline, caplog.text[-3000:]
+                await asyncio.sleep(0.05)
+
+    def client() -> bytes:
         ini = Initiator("127.0.0.1", port, name="iqn.1991-05.com.microsoft:node1")
         try:
             ini.login(DATA)
@@ -179,11 +182,12 @@ async def test_served_without_signal_handlers_or_sighup(tmp_path, no_linux_calls
             ini.close()
 
     try:
+        await listening()
         data = await asyncio.to_thread(client)
     finally:
         stop.set()
         rc = await asyncio.wait_for(task, 30)
-    assert data == b"\xc3" * 4096 and rc == 0
+    assert data == b"\xc3" * 4096 and rc == 0, caplog.text[-3000:]
     assert file_bytes(tmp_path / "luns" / "data.img", 100 * 512, 4096) == b"\xc3" * 4096
 
 
