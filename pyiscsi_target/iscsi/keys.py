@@ -70,6 +70,8 @@ IRRELEVANT = "Irrelevant"
 NOT_UNDERSTOOD = "NotUnderstood"
 #: §6.2: reserved constants that are answers only; offering one is a protocol error.
 RESERVED_ANSWERS = frozenset({REJECT, IRRELEVANT, NOT_UNDERSTOOD})
+#: Identity declarations an initiator may repeat, unchanged, later in the same login.
+REPEATABLE_DECLARATIONS = frozenset({"InitiatorName", "SessionType", "TargetName", "InitiatorAlias"})
 
 KEY_NAME_MAX = 63  # §6.1
 VALUE_MAX = 255  # §6.1: a simple value (each list item), delimiter excluded
@@ -465,6 +467,7 @@ class Negotiation:
         #: security-exchange keys (CHAP_*) the initiator sent, for the authentication module
         self.auth_keys: dict[str, str] = {}
         self._received: set[str] = set()  # keys the initiator has sent (offer, declaration or answer)
+        self._first_values: dict[str, str] = {}   # values of REPEATABLE_DECLARATIONS as first sent
         self._sent: set[str] = set()  # keys the target has sent
         self._awaiting: dict[str, _Offer] = {}  # target offers not yet answered
 
@@ -573,8 +576,17 @@ class Negotiation:
             self._answer(key, value)
             return None
         if key in self._received:
+            if key in REPEATABLE_DECLARATIONS and self._first_values.get(key) == value:
+                # libiscsi, when given CHAP credentials for a target that does
+                # not ask for CHAP, repeats InitiatorName/SessionType/TargetName
+                # with the same values in its operational-stage PDU.  Repeating
+                # a declaration unchanged negotiates nothing; only a changed
+                # value is the protocol error of §6.3.  Accept, answer nothing.
+                return None
             raise NegotiationError.protocol(f"{key} sent twice in one login (RFC 7143 §6.3)", key)
         self._received.add(key)
+        if key in REPEATABLE_DECLARATIONS:
+            self._first_values[key] = value
         if value in RESERVED_ANSWERS:
             raise NegotiationError.protocol(f"{key}={value}: reserved constant used as an offer (§6.2)", key)
         kd = KEYS.get(key)

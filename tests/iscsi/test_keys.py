@@ -717,7 +717,21 @@ class TestProtocolErrors:
         n = neg()
         security_done(n)
         with expect_error():
-            n.respond([("InitiatorName", INITIATOR)], "operational")
+            n.respond([("InitiatorName", INITIATOR + "x")], "operational")
+
+    def test_identity_repeated_unchanged_is_accepted_silently(self):
+        # libiscsi repeats InitiatorName/SessionType when it holds CHAP
+        # credentials for a target that does not ask for CHAP.
+        n = neg()
+        security_done(n)
+        assert n.respond([("InitiatorName", INITIATOR), ("HeaderDigest", "None")], "operational") == [
+            ("HeaderDigest", "None")]
+
+    def test_a_negotiated_key_repeated_is_still_an_error(self):
+        n = neg()
+        n.respond([("HeaderDigest", "None")], "operational")
+        with expect_error():
+            n.respond([("HeaderDigest", "None")], "operational")
 
     def test_duplicate_unknown_key(self):
         n = neg()
