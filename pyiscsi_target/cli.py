@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -232,6 +233,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _human(n: float) -> str:
+    """Approximate binary size for humans: 1536 -> '1.5 KiB'."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+class _ProgressBar:
+    """One line on stderr, redrawn: bar, percent, bytes done/total, rate, ETA."""
+
+    def __init__(self, label: str, width: int = 24):
+        self.label = label
+        self.width = width
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        frac = done / total if total else 1.0
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
+        line = (f"\r{self.label} [{bar}] {frac * 100:3.0f}%  {_human(done)} / {_human(total)}"
+                f"  {_human(rate)}/s  ETA {eta:.0f}s")
+        sys.stderr.write(line + ("\n" if done >= total else ""))
+        sys.stderr.flush()
+
+
 def cmd_create_lun(args: argparse.Namespace) -> int:
     from .storage.base import StorageError
     from .storage.file import create_image
@@ -246,7 +275,8 @@ def cmd_create_lun(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     path = Path(args.path)
     try:
-        create_image(path, size, preallocate=args.preallocate, block_size=args.block_size, force=args.force)
+        create_image(path, size, preallocate=args.preallocate, block_size=args.block_size, force=args.force,
+                     progress=_ProgressBar(f"allocating {path}") if args.preallocate else None)
     except FileExistsError:
         _err(f"pyiscsi-target create-lun: {path} already exists; refusing to overwrite it (use --force to replace it)")
         return EXIT_FAILURE

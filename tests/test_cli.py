@@ -178,3 +178,14 @@ def test_serve_runs_and_stops_cleanly(tmp_path, sig):
     assert lines
     for line in lines:  # one line per event: timestamp, level, logger
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+pyiscsi_target[\w.]*: ", line), line
+
+
+def test_create_lun_preallocate_shows_progress_with_rate_and_eta(tmp_path):
+    img = tmp_path / "pre.img"
+    r = run("create-lun", str(img), "--size", "600MiB", "--preallocate")
+    assert r.returncode == 0, r.stderr
+    frames = [f for f in r.stderr.replace("\r", "\n").splitlines() if f.strip()]
+    assert frames[0].endswith("ETA 0s") or "  0%" in frames[0]
+    assert "100%" in frames[-1] and "600.0 MiB / 600.0 MiB" in frames[-1] and "/s  ETA" in frames[-1]
+    assert len(frames) >= 4                       # 256 MiB chunks: 0 %, 2 steps, 100 %
+    assert img.stat().st_blocks * 512 >= 600 << 20  # really allocated

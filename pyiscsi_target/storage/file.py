@@ -635,8 +635,12 @@ def open_image(
     )
 
 
+PREALLOCATE_CHUNK = 256 << 20
+
+
 def create_image(
-    path: str | os.PathLike[str], size: int, *, preallocate: bool = False, block_size: int = 512, force: bool = False
+    path: str | os.PathLike[str], size: int, *, preallocate: bool = False, block_size: int = 512, force: bool = False,
+    progress=None,
 ) -> None:
     """Create a new image file of ``size`` bytes (for ``pyiscsi-target create-lun``).
 
@@ -650,6 +654,21 @@ def create_image(
         if not p.is_file():
             raise StorageError(errno.EINVAL, f"{p}: not a regular file; refusing to replace it")
         p.unlink()
-    b = FileBackend.open(p, size=size, create=True, preallocate=preallocate, block_size=block_size)
-    os.close(b._fd)
-    b._fd = -1
+    # Preallocation goes in chunks so ``progress(done, total)`` can report it
+    # (writing zeros where the filesystem cannot fallocate takes minutes).
+    b = FileBackend.open(p, size=size, create=True, preallocate=preallocate and progress is None,
+                         block_size=block_size)
+    try:
+        if preallocate and progress is not None:
+            done = 0
+            progress(0, size)
+            while done < size:
+                n = min(PREALLOCATE_CHUNK, size - done)
+                _preallocate(b._fd, done, n)
+                done += n
+                progress(done, size)
+            b.thin = False
+            b.preallocated = True
+    finally:
+        os.close(b._fd)
+        b._fd = -1
