@@ -20,12 +20,12 @@ from typing import Any
 
 from ..scsi.command import ScsiResult, ScsiTask, Status, TaskAttribute
 from . import keys as _keys
-from .cmdsn import sn_add
+from .cmdsn import sn_add, sn_le
 from .discovery import send_targets
 from .framing import HeaderDigestError, PduReader, Received, encode_pdu
 from .login import Login, LoginFailure, LoginStatus, peer_description
 from .pdu import (
-    ALL_ONES, F_ACK, F_CONTINUE, F_FINAL, F_OVERFLOW, F_STATUS, F_UNDERFLOW, DataIn, DataOut,
+    ALL_ONES, AhsType, decode_ahs, F_ACK, F_CONTINUE, F_FINAL, F_OVERFLOW, F_STATUS, F_UNDERFLOW, DataIn, DataOut,
     LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, Opcode, PduFormatError,
     R2T, Reject, RejectReason, ScsiCommand, ScsiResponse, SnackRequest, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TextResponse, lun_to_int,
@@ -516,7 +516,6 @@ class IscsiConnection:
             self.session.window.done()
 
     def _extended_cdb(self, rec: Received, cdb: bytes) -> bytes | None:
-        from .pdu import AhsType, decode_ahs
         try:
             items = decode_ahs(rec.ahs)
         except PduFormatError as exc:
@@ -696,7 +695,6 @@ class IscsiConnection:
         if pdu.function == TmfFunction.ABORT_TASK and response == TmfResponseCode.TASK_DOES_NOT_EXIST:
             # §11.5.1: a task not yet received (RefCmdSN still ahead of ExpCmdSN) is
             # treated as aborted: answer "Function complete".
-            from .cmdsn import sn_le
             if sn_le(self.session.window.exp_cmdsn, pdu.refcmdsn):
                 response = TmfResponseCode.COMPLETE
         self._tmf_respond(pdu, response)

@@ -114,15 +114,21 @@ async def read(cmd: Command) -> Reply:
     return await read_medium(lu, lba, blocks)
 
 
+def checked_write_data(cmd: Command, lu, lba: int, blocks: int, len_at: int):
+    """The checks every writing command runs, in this order (write protect,
+    transfer length, LBA range), then the Data-Out blocks to write."""
+    check_writable(lu)
+    check_transfer(lu, blocks, len_at)
+    check_range(lu, lba, blocks)
+    return write_data(cmd, lu, blocks)
+
+
 async def write(cmd: Command) -> Reply:
     lu = cmd.unit
     cdb = cmd.cdb
     lba, blocks, len_at = lba_and_length(cdb)
     cmd.data_out_wanted = blocks * lu.block_size
-    check_writable(lu)
-    check_transfer(lu, blocks, len_at)
-    check_range(lu, lba, blocks)
-    data = write_data(cmd, lu, blocks)
+    data = checked_write_data(cmd, lu, lba, blocks, len_at)
     if not data:
         return None
     fua = cdb[0] >> 5 != 0 and bool(cdb[1] & FUA)  # WRITE(6) has no FUA bit
@@ -146,10 +152,7 @@ async def orwrite(cmd: Command) -> Reply:
     cdb = cmd.cdb
     lba, blocks, len_at = lba_and_length(cdb)
     cmd.data_out_wanted = blocks * lu.block_size
-    check_writable(lu)
-    check_transfer(lu, blocks, len_at)
-    check_range(lu, lba, blocks)
-    data = write_data(cmd, lu, blocks)
+    data = checked_write_data(cmd, lu, lba, blocks, len_at)
     if not data:
         return None
     blocks = len(data) // lu.block_size
@@ -232,10 +235,7 @@ async def write_and_verify(cmd: Command) -> Reply:
     cmd.data_out_wanted = blocks * lu.block_size
     if bytchk > 1:
         raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field_pointer=1, bit=2)
-    check_writable(lu)
-    check_transfer(lu, blocks, len_at)
-    check_range(lu, lba, blocks)
-    data = write_data(cmd, lu, blocks)
+    data = checked_write_data(cmd, lu, lba, blocks, len_at)
     blocks = len(data) // lu.block_size
     if blocks == 0:
         return None
