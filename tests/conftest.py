@@ -21,3 +21,21 @@ def target(tmp_path):
     yield t
     rc = t.stop()
     assert rc == 0, f"server exit status {rc}\n{t.log_text()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """A private single-node Ceph cluster (one mon, one memstore OSD, loopback,
+    cephx) for the whole test session, with an initialised "rbd" pool.  See
+    tests/support/ceph_cluster.py; .ci/run installs the Debian packages, so a
+    missing Ceph fails instead of skipping."""
+    from tests.support.ceph_cluster import CephCluster, ceph_available
+
+    missing = ceph_available()
+    if missing:
+        pytest.fail(f"Ceph is not installed ({missing} missing); .ci/run installs "
+                    "ceph-mon ceph-osd ceph-common python3-rados python3-rbd")
+    cluster = CephCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
