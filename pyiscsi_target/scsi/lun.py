@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..storage.base import Backend
 from .command import Nexus
 from .pr import PersistentReservations
+from .pr_shared import SharedReservations
 from .tasks import TaskSet
 from .ua import UnitAttentions
 
@@ -186,6 +187,20 @@ class LogicalUnit:
         self.pr = pr if pr is not None else PersistentReservations()
         # PR OUT commands run one at a time (persist, then commit).
         self.pr_lock = asyncio.Lock()
+        # Set when several gateways export this LU: the reservation state
+        # above is then a copy of a shared record (pr_shared.SharedReservations).
+        self.shared: SharedReservations | None = None
+
+    def release_scsi2(self, only: Nexus | None = None) -> None:
+        """Nexus loss (``only`` = that nexus) or a reset (None): release the
+        SPC-2 reservation (SPC-2 §5.5.3).  Synchronous for its callers; the
+        shared record, if any, follows in the background."""
+        holder = self.reserved_by
+        if only is not None and holder != only:
+            return
+        self.reserved_by = None
+        if self.shared is not None and (holder is not None or only is None):
+            self.shared.release_scsi2_later(only)
 
     @property
     def num_blocks(self) -> int:

@@ -600,16 +600,26 @@ def _register_and_move(state: PrState, nexus: Nexus, params, *, ptpl_capable: bo
 _FORMAT = 1
 
 
+def registration_doc(r: Registration) -> dict:
+    """A registration as JSON-able data (the state file, and the change
+    notices gateways send each other)."""
+    return {"key": f"{r.key:016x}", "initiator_port": r.initiator_port, "target_port": r.target_port,
+            "relative_port_id": r.relative_port_id, "transport_id": r.transport_id.hex()}
+
+
+def registration_from_doc(r: dict) -> Registration:
+    """Inverse of :func:`registration_doc`; KeyError/TypeError/ValueError when malformed."""
+    return Registration(int(r["key"], 16), str(r["initiator_port"]),
+                        None if r["target_port"] is None else str(r["target_port"]),
+                        int(r["relative_port_id"]), bytes.fromhex(r["transport_id"]))
+
+
 def encode(state: PrState) -> bytes:
     doc = {
         "format": _FORMAT,
         "generation": state.generation,
         "aptpl": state.aptpl,
-        "registrations": [
-            {"key": f"{r.key:016x}", "initiator_port": r.initiator_port, "target_port": r.target_port,
-             "relative_port_id": r.relative_port_id, "transport_id": r.transport_id.hex()}
-            for r in state.registrations
-        ],
+        "registrations": [registration_doc(r) for r in state.registrations],
         "reservation": None if state.res_type is None else {
             "type": int(state.res_type),
             "holder": None if state.res_holder is None else list(state.res_holder),
@@ -624,11 +634,7 @@ def decode(data: bytes) -> PrState:
         doc = json.loads(data)
         if doc.get("format") != _FORMAT:
             raise ValueError(f"unknown format {doc.get('format')!r}")
-        regs = tuple(
-            Registration(int(r["key"], 16), str(r["initiator_port"]),
-                         None if r["target_port"] is None else str(r["target_port"]),
-                         int(r["relative_port_id"]), bytes.fromhex(r["transport_id"]))
-            for r in doc["registrations"])
+        regs = tuple(registration_from_doc(r) for r in doc["registrations"])
         res = doc["reservation"]
         res_type = None if res is None else PrType(res["type"])
         holder = None
@@ -656,17 +662,20 @@ class PersistentReservations:
     the command handler runs it off the event loop, one PR OUT at a time.
     """
 
-    __slots__ = ("state", "persist", "max_registrations")
+    __slots__ = ("state", "persist", "max_registrations", "durable")
 
     def __init__(self, state: PrState | None = None, persist: Callable[[bytes], None] | None = None,
-                 max_registrations: int = MAX_REGISTRATIONS) -> None:
+                 max_registrations: int = MAX_REGISTRATIONS, *, durable: bool = False) -> None:
         self.state = state if state is not None else PrState()
         self.persist = persist
         self.max_registrations = max_registrations
+        #: Every state is kept by a shared authority that persists it anyway
+        #: (several gateways, :mod:`.pr_shared`): PTPL_C=1 with no callback.
+        self.durable = durable
 
     @property
     def ptpl_capable(self) -> bool:
-        return self.persist is not None
+        return self.durable or self.persist is not None
 
     def conflicts(self, nexus: Nexus, conflict: PrConflict) -> bool:
         return conflicts(self.state, nexus, conflict)
@@ -675,9 +684,11 @@ class PersistentReservations:
         return pr_in(self.state, action, ptpl_capable=self.ptpl_capable)
 
     def pr_out(self, nexus: Nexus, action: int, scope: int, type_: int,
-               params: bytes | memoryview) -> tuple[PrState, Effects]:
-        return pr_out(self.state, nexus, action, scope, type_, params, ptpl_capable=self.ptpl_capable,
-                      max_registrations=self.max_registrations)
+               params: bytes | memoryview, state: PrState | None = None) -> tuple[PrState, Effects]:
+        """``state``: decide from this state (the shared authority's latest)
+        instead of the local copy."""
+        return pr_out(self.state if state is None else state, nexus, action, scope, type_, params,
+                      ptpl_capable=self.ptpl_capable, max_registrations=self.max_registrations)
 
     def needs_persist(self, new: PrState) -> bool:
         return self.persist is not None and new is not self.state and (new.aptpl or self.state.aptpl)

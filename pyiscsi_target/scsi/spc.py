@@ -13,6 +13,8 @@ import struct
 from .command import ScsiResult, Status
 from .context import Command, Reply
 from .lun import LogicalUnit, encode_lun
+from .pr import Effects, ReservationConflict
+from .spc_pr import change_reservations
 from .sense import Reason, ScsiError, build_sense
 
 # --- INQUIRY (SPC-4 §6.6) ----------------------------------------------------
@@ -286,18 +288,34 @@ async def prevent_allow_medium_removal(cmd: Command) -> Reply:
 
 async def reserve(cmd: Command) -> Reply:
     """Reserve the whole LU for this I_T nexus.  Another nexus' reservation
-    already produced RESERVATION CONFLICT in the pre-dispatch check; the
-    holder may reserve again (SPC-2 §7.21.1)."""
-    cmd.unit.reserved_by = cmd.nexus
+    already produced RESERVATION CONFLICT in the pre-dispatch check (against
+    the local copy; the decision here sees the shared record when several
+    gateways export the LU); the holder may reserve again (SPC-2 §7.21.1)."""
+    nexus = cmd.nexus
+
+    def decide(state, holder):
+        if holder is not None and holder != nexus:
+            raise ReservationConflict
+        if state.registrations:  # SPC-4 §5.12.3, CRH=0: as the pre-dispatch check
+            raise ReservationConflict
+        return state, nexus, Effects()
+
+    try:
+        await change_reservations(cmd.unit, nexus, decide)
+    except ReservationConflict:
+        return reservation_conflict()
     return None
 
 
 async def release(cmd: Command) -> Reply:
     """Release our reservation; from any other nexus this is a successful
     no-op (SPC-2 §7.13.1)."""
-    lu = cmd.unit
-    if lu.reserved_by == cmd.nexus:
-        lu.reserved_by = None
+    nexus = cmd.nexus
+
+    def decide(state, holder):
+        return state, None if holder == nexus else holder, Effects()
+
+    await change_reservations(cmd.unit, nexus, decide)
     return None
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from . import pr
 from .command import Nexus, ScsiResult, Status
 from .context import Command, Reply
 from .lun import LogicalUnit
+from .pr_shared import Decision, apply_effects
 from .sense import Reason, ScsiError
-from .tasks import TaskSet
 
-__all__ = ["persistent_reserve_in", "persistent_reserve_out"]
+__all__ = ["persistent_reserve_in", "persistent_reserve_out", "change_reservations"]
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,15 @@ log = logging.getLogger(__name__)
 async def persistent_reserve_in(cmd: Command) -> Reply:
     cdb = cmd.cdb
     alloc = int.from_bytes(cdb[7:9], "big")
+    lu = cmd.unit
+    if lu.shared is not None:
+        # Another gateway's change is normally here already (its command
+        # waited for our acknowledgement); reading the record also covers a
+        # gateway that timed out on us.
+        await lu.shared.resync()
     # SPC-4 §6.16.1: the data is truncated to ALLOCATION LENGTH, its
     # ADDITIONAL LENGTH still describes all of it.
-    return Command.allocation(cmd.unit.pr.pr_in(cdb[1] & 0x1F), alloc)
+    return Command.allocation(lu.pr.pr_in(cdb[1] & 0x1F), alloc)
 
 
 async def persistent_reserve_out(cmd: Command) -> Reply:
@@ -37,26 +44,47 @@ async def persistent_reserve_out(cmd: Command) -> Reply:
     lu = cmd.unit
     length = int.from_bytes(cdb[5:9], "big")
     params = bytes(cmd.data_out(length))
+    nexus = cmd.nexus
+
+    def decide(state: pr.PrState, holder: Nexus | None) -> Decision:
+        new, effects = lu.pr.pr_out(nexus, cdb[1] & 0x1F, cdb[2] >> 4, cdb[2] & 0x0F, params, state=state)
+        return new, holder, effects
+
+    try:
+        await change_reservations(lu, nexus, decide)
+    except pr.ReservationConflict:
+        return ScsiResult(status=Status.RESERVATION_CONFLICT, data_out_wanted=cmd.data_out_wanted)
+    return None
+
+
+async def change_reservations(lu: LogicalUnit, sender: Nexus | None,
+                              decide: Callable[[pr.PrState, Nexus | None], Decision]) -> None:
+    """The one way the LU's reservation state (PR state and SPC-2 holder)
+    changes: decide from the current state, make the new state durable
+    (APTPL file, or the record shared by several gateways), commit it, apply
+    its effects.  One change at a time per LU, and once the new state is
+    being written an abort of the command cannot cut the step in half: what
+    is stored is what is enforced."""
     async with lu.pr_lock:
-        try:
-            new, effects = lu.pr.pr_out(cmd.nexus, cdb[1] & 0x1F, cdb[2] >> 4, cdb[2] & 0x0F, params)
-        except pr.ReservationConflict:
-            return ScsiResult(status=Status.RESERVATION_CONFLICT, data_out_wanted=cmd.data_out_wanted)
-        if new is lu.pr.state:
-            return None
-        # Persist, commit and apply as one step that an abort of this task
-        # cannot cut in half: what is on disk is what is in memory.
-        inner = asyncio.ensure_future(_commit(lu, cmd.nexus, new, effects))
+        if lu.shared is not None:
+            step = lu.shared.transact(sender, decide)
+        else:
+            state, holder = lu.pr.state, lu.reserved_by
+            d = decide(state, holder)
+            if d[0] is state and d[1] == holder:
+                return
+            step = _commit_local(lu, sender, d)
+        inner = asyncio.ensure_future(step)
         try:
             await asyncio.shield(inner)
         except asyncio.CancelledError:
             if not inner.done():  # keep the lock until the commit is complete
                 await asyncio.wait([inner])
             raise
-    return None
 
 
-async def _commit(lu: LogicalUnit, nexus: Nexus, new: pr.PrState, effects: pr.Effects) -> None:
+async def _commit_local(lu: LogicalUnit, sender: Nexus | None, d: Decision) -> None:
+    new, holder, effects = d
     if lu.pr.needs_persist(new):
         # SPC-4 §5.12.5: with APTPL the state must survive power loss before
         # the command completes.  A failed write leaves the old state in force.
@@ -66,25 +94,5 @@ async def _commit(lu: LogicalUnit, nexus: Nexus, new: pr.PrState, effects: pr.Ef
             log.error("LUN %d: persisting reservations failed: %s", lu.lun_id, e)
             raise ScsiError(Reason.INTERNAL_TARGET_FAILURE) from e
     lu.pr.state = new
-    deliver_unit_attentions(lu, nexus, effects.unit_attentions)
-    if effects.abort:
-        # SPC-4 §5.12.11.5: PREEMPT AND ABORT aborts every task of the
-        # preempted I_T nexuses (as CLEAR TASK SET would, TAS=0: no status).
-        victims = effects.abort
-        entries = lu.tasks.select(lambda e: e.nexus != nexus and any(r.matches(e.nexus) for r in victims))
-        await TaskSet.abort(entries)
-
-
-def deliver_unit_attentions(lu: LogicalUnit, sender: Nexus, uas: list[tuple[pr.Registration, Reason]]) -> None:
-    """Establish each condition for every known nexus the registration stands
-    for, except the sender (SPC-4 §5.12.11: "other than the I_T nexus on which
-    the command was received").  A registration whose nexus is not connected
-    gets its condition queued under its own ports, reported on its return."""
-    known = lu.unit_attentions.nexuses()
-    for reg, reason in uas:
-        targets = [n for n in known if reg.matches(n)]
-        if not targets and ",i,0x" in reg.initiator_port and reg.target_port is not None:
-            targets = [reg.nexus()]
-        for n in targets:
-            if n != sender:
-                lu.unit_attentions.establish(n, reason)
+    lu.reserved_by = holder
+    await apply_effects(lu, sender, effects)

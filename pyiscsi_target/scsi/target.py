@@ -77,8 +77,7 @@ class ScsiTargetDevice:
         self._views.pop(nexus, None)
         for lu in self.luns.values():
             lu.unit_attentions.remove_nexus(nexus)
-            if lu.reserved_by == nexus:
-                lu.reserved_by = None
+            lu.release_scsi2(nexus)
 
     # --- commands ---------------------------------------------------------------
 
@@ -218,7 +217,7 @@ class ScsiTargetDevice:
 
     def _reset_lu(self, lu: LogicalUnit) -> list[TaskEntry]:
         # SPC-2 §5.5.3: a reset releases RESERVE(6)/(10) reservations.
-        lu.reserved_by = None
+        lu.release_scsi2()
         return lu.tasks.select()
 
     async def lun_reset(self, nexus: Nexus, lun: int) -> TmfResponse:
