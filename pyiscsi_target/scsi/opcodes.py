@@ -55,6 +55,9 @@ class OpSpec:
     no_lun_ok: bool = False
     # Allowed from other nexuses while an SPC-2 RESERVE is held (SPC-2 §5.5.1).
     scsi2_allowed: bool = False
+    # Served through a target port group in the ALUA standby state: the list
+    # of SPC-4 §5.16.2.4.4 (others get NOT READY, 04/0Bh).
+    standby_ok: bool = False
     # Persistent reservation conflict class: its row in SPC-4 §5.12.1 table 63
     # (see pr.PrConflict), or a function of the CDB for the commands whose row
     # depends on a field (START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL).
@@ -111,19 +114,19 @@ _SPECS: tuple[OpSpec, ...] = (
     # --- SPC-4 --------------------------------------------------------------
     OpSpec(0x00, "TEST UNIT READY", spc.test_unit_ready, _u("00 00 00 00 00 00"), pr_conflict=_ANY),
     OpSpec(0x03, "REQUEST SENSE", spc.request_sense, _u("03 00 00 00 FF 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x12, "INQUIRY", spc.inquiry, _u("12 01 FF FF FF 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
-    OpSpec(0x15, "MODE SELECT(6)", mode.mode_select6, _u("15 11 00 00 FF 00"), OUT, pr_conflict=_WR),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
+    OpSpec(0x15, "MODE SELECT(6)", mode.mode_select6, _u("15 11 00 00 FF 00"), OUT, pr_conflict=_WR, standby_ok=True),
     OpSpec(0x16, "RESERVE(6)", spc.reserve, _u("16 00 00 00 00 00"), pr_conflict=_RSV),
     OpSpec(0x17, "RELEASE(6)", spc.release, _u("17 00 00 00 00 00"), scsi2_allowed=True, pr_conflict=_RSV),
-    OpSpec(0x1A, "MODE SENSE(6)", mode.mode_sense6, _u("1A 08 FF FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x1A, "MODE SENSE(6)", mode.mode_sense6, _u("1A 08 FF FF FF 00"), IN, pr_conflict=_RD, standby_ok=True),
     OpSpec(0x1B, "START STOP UNIT", spc.start_stop_unit, _u("1B 01 00 0F F7 00"), pr_conflict=_start_stop_pr),
     OpSpec(0x1E, "PREVENT ALLOW MEDIUM REMOVAL", spc.prevent_allow_medium_removal, _u("1E 00 00 00 03 00"), pr_conflict=_prevent_allow_pr),
-    OpSpec(0x55, "MODE SELECT(10)", mode.mode_select10, _u("55 11 00 00 00 00 00 FF FF 00"), OUT, pr_conflict=_WR),
+    OpSpec(0x55, "MODE SELECT(10)", mode.mode_select10, _u("55 11 00 00 00 00 00 FF FF 00"), OUT, pr_conflict=_WR, standby_ok=True),
     OpSpec(0x56, "RESERVE(10)", spc.reserve, _u("56 00 00 00 00 00 00 00 00 00"), pr_conflict=_RSV),
     OpSpec(0x57, "RELEASE(10)", spc.release, _u("57 00 00 00 00 00 00 00 00 00"), scsi2_allowed=True, pr_conflict=_RSV),
-    OpSpec(0x5A, "MODE SENSE(10)", mode.mode_sense10, _u("5A 18 FF FF 00 00 00 FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x5A, "MODE SENSE(10)", mode.mode_sense10, _u("5A 18 FF FF 00 00 00 FF FF 00"), IN, pr_conflict=_RD, standby_ok=True),
     # SPC-4 §6.16/§6.17.  PR IN/OUT are allowed under every persistent
     # reservation (table 63); the service action itself decides.  PR IN also
     # passes an SPC-2 reservation: Windows must always be able to read
@@ -131,33 +134,39 @@ _SPECS: tuple[OpSpec, ...] = (
     # SCOPE/TYPE are evaluated by RESERVE, RELEASE and PREEMPT(-AND-ABORT) and
     # ignored by the others (SPC-4 §6.17.2), never rejected.
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ KEYS)", spc_pr.persistent_reserve_in,
-           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x00, scsi2_allowed=True, pr_conflict=_ANY),
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x00, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ RESERVATION)", spc_pr.persistent_reserve_in,
-           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x01, scsi2_allowed=True, pr_conflict=_ANY),
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x01, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5E, "PERSISTENT RESERVE IN (REPORT CAPABILITIES)", spc_pr.persistent_reserve_in,
-           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x02, scsi2_allowed=True, pr_conflict=_ANY),
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x02, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5E, "PERSISTENT RESERVE IN (READ FULL STATUS)", spc_pr.persistent_reserve_in,
-           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x03, scsi2_allowed=True, pr_conflict=_ANY),
+           _u("5E 1F 00 00 00 00 00 FF FF 00"), IN, service_action=0x03, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x00, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x00, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (RESERVE)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x01, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x01, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (RELEASE)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x02, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x02, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (CLEAR)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x03, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x03, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x04, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x04, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (PREEMPT AND ABORT)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x05, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x05, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND IGNORE EXISTING KEY)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x06, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x06, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0x5F, "PERSISTENT RESERVE OUT (REGISTER AND MOVE)", spc_pr.persistent_reserve_out,
-           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x07, pr_conflict=_ANY),
+           _u("5F 1F FF 00 00 FF FF FF FF 00"), OUT, service_action=0x07, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0xA0, "REPORT LUNS", spc.report_luns, _u("A0 00 FF 00 00 00 FF FF FF FF 00 00"), IN,
-           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY),
+           allowed_with_ua=True, no_lun_ok=True, scsi2_allowed=True, pr_conflict=_ANY, standby_ok=True),
     OpSpec(0xA3, "REPORT SUPPORTED OPERATION CODES", spc.report_supported_operation_codes,
            _u("A3 1F 87 FF FF FF FF FF FF FF 00 00"), IN, service_action=0x0C, pr_conflict=_ANY),
+    # SPC-4 §6.36: PARAMETER DATA FORMAT in byte 1 bits 7-5 (the handler
+    # accepts 000b and 001b).  Allowed under every reservation (table 63)
+    # and in standby (§5.16.2.4.4): it is how a host finds the active path.
+    OpSpec(0xA3, "REPORT TARGET PORT GROUPS", spc.report_target_port_groups,
+           _u("A3 FF 00 00 00 00 FF FF FF FF 00 00"), IN, service_action=0x0A, scsi2_allowed=True,
+           pr_conflict=_ANY, standby_ok=True),
     # --- SBC-3 --------------------------------------------------------------
     OpSpec(0x08, "READ(6)", sbc.read, _u("08 1F FF FF FF 00"), IN, pr_conflict=_RD),
     OpSpec(0x0A, "WRITE(6)", sbc.write, _u("0A 1F FF FF FF 00"), OUT, pr_conflict=_WR),
@@ -211,7 +220,7 @@ def _build(specs: tuple[OpSpec, ...]) -> dict[int, OpSpec | ServiceActions]:
         else:
             sa = table.setdefault(spec.opcode, ServiceActions(spec.opcode))
             assert isinstance(sa, ServiceActions) and spec.service_action not in sa.actions, spec.name
-            assert spec.usage[1] == 0x1F, spec.name  # the SA field itself is evaluated
+            assert spec.usage[1] & 0x1F == 0x1F, spec.name  # the SA field itself is evaluated
             sa.actions[spec.service_action] = spec
     return table
 
@@ -291,6 +300,21 @@ def check_cdb_bits(cmd: Command) -> ScsiResult | None:
     return None
 
 
+def check_alua_standby(cmd: Command) -> ScsiResult | None:
+    """SPC-4 §5.16.2.4.4: through a target port group in standby only the
+    commands marked ``standby_ok`` run; the rest end in NOT READY, LOGICAL
+    UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE, so the host's
+    multipath driver moves the I/O to an active group.  Active/optimized and
+    active/non-optimized serve everything.  Without a standby group (the
+    usual case) this is one empty-set test."""
+    standby = cmd.device.port_groups.standby_ports
+    if standby and cmd.nexus.relative_port_id in standby:
+        assert cmd.spec is not None
+        if not cmd.spec.standby_ok:
+            raise ScsiError(Reason.LOGICAL_UNIT_NOT_ACCESSIBLE_TARGET_PORT_IN_STANDBY_STATE)
+    return None
+
+
 def check_scsi2_reservation(cmd: Command) -> ScsiResult | None:
     """SPC-2 §5.5.1: while another I_T nexus holds RESERVE(6)/(10), only the
     commands marked ``scsi2_allowed`` run; the rest end in RESERVATION CONFLICT."""
@@ -327,6 +351,7 @@ PRE_DISPATCH: tuple[Check, ...] = (
     check_unit_attention,
     check_opcode,
     check_cdb_bits,
+    check_alua_standby,
     check_scsi2_reservation,
     check_persistent_reservation,
 )

@@ -40,6 +40,9 @@ class Reason(enum.Enum):
     NO_ADDITIONAL_SENSE = (_K.NO_SENSE, 0x00, 0x00)
     # NOT READY
     NOT_READY_INITIALIZING_COMMAND_REQUIRED = (_K.NOT_READY, 0x04, 0x02)
+    # SPC-4 §5.16.2.4.4: a command other than those the standby state
+    # allows, received through a target port group in standby (ALUA).
+    LOGICAL_UNIT_NOT_ACCESSIBLE_TARGET_PORT_IN_STANDBY_STATE = (_K.NOT_READY, 0x04, 0x0B)
     # MEDIUM ERROR: backend failures (SBC-3 §4.11)
     WRITE_ERROR = (_K.MEDIUM_ERROR, 0x0C, 0x00)
     UNRECOVERED_READ_ERROR = (_K.MEDIUM_ERROR, 0x11, 0x00)

@@ -24,6 +24,7 @@ from .sense import Reason, ScsiError, build_sense
 #: long Block Limits page.
 VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0460, 0x04C0)
 STANDARD_INQUIRY_LENGTH = 96
+TPGS_IMPLICIT = 0x10  # byte 5 bits 5-4 = 01b
 PQ_PDT_DISK = 0x00  # peripheral qualifier 000b, direct access block device
 PQ_PDT_NO_LUN = 0x7F  # qualifier 011b: no LU can be addressed here, PDT 1Fh
 
@@ -40,7 +41,11 @@ def standard_inquiry(lu: LogicalUnit | None, template: LogicalUnit | None) -> by
     buf[2] = 0x06  # VERSION: SPC-4
     buf[3] = 0x10 | 0x02  # HISUP=1 (hierarchical LUNs), RESPONSE DATA FORMAT=2
     buf[4] = STANDARD_INQUIRY_LENGTH - 5
-    buf[5] = 0x00  # TPGS=0: no ALUA (Windows MSDSM would use RTPG otherwise)
+    # TPGS=01b (SPC-4 §6.6.2 table 142): implicit ALUA only.  REPORT TARGET
+    # PORT GROUPS tells which gateway (target port group) is optimized;
+    # there is no SET TARGET PORT GROUPS (explicit ALUA would be 10b).
+    # Windows MSDSM and Linux scsi_dh_alua pick their paths from it.
+    buf[5] = TPGS_IMPLICIT
     buf[7] = 0x02  # CMDQUE=1: tagged queuing (SAM-5 task attributes honoured)
     if ident is not None:
         buf[8:16] = _ascii(ident.vendor, 8)
@@ -89,6 +94,12 @@ def _vpd_device_identification(cmd: Command, lu: LogicalUnit) -> bytes:
         body += _designator(3, 1, 8, name)
     # Relative target port identifier (type 4, association 1, SPC-4 §7.8.6.7).
     body += _designator(1, 1, 4, b"\0\0" + (nexus.relative_port_id & 0xFFFF).to_bytes(2, "big"))
+    # Target port group (type 5, association 1, SPC-4 §7.8.6.8): the group
+    # this port is in, so a multipath driver can match the path to its
+    # descriptor in REPORT TARGET PORT GROUPS (TPGS != 0 requires it).
+    group = cmd.device.port_groups.group_of(nexus.relative_port_id)
+    if group is not None:
+        body += _designator(1, 1, 5, b"\0\0" + group.id.to_bytes(2, "big"))
     return _vpd(0x83, body)
 
 
@@ -260,6 +271,49 @@ async def report_supported_operation_codes(cmd: Command) -> Reply:
     if rctd:
         out += _timeouts(spec)
     return Command.allocation(out, alloc)
+
+
+# --- REPORT TARGET PORT GROUPS (SPC-4 §6.36) -------------------------------------
+
+# Supported states byte of every descriptor (SPC-4 §6.36.2 table 266): the
+# states a gateway can be configured in (alua.CONFIGURABLE_STATES): AO_SUP,
+# AN_SUP, S_SUP.  T_SUP=0: a state only changes with a restart, so
+# transitioning is never reported; O_SUP=0, U_SUP=0, LBD_SUP=0: never used.
+_SUPPORTED_STATES = 0x04 | 0x02 | 0x01
+RTPG_LENGTH_ONLY, RTPG_EXTENDED = 0b000, 0b001  # PARAMETER DATA FORMAT (CDB byte 1 bits 7-5)
+
+
+def target_port_groups_data(groups, extended: bool, transition_time: int = 0) -> bytes:
+    """REPORT TARGET PORT GROUPS parameter data (SPC-4 §6.36.2 tables 262-264)."""
+    out = bytearray(8 if extended else 4)
+    if extended:
+        out[4] = 0x10  # FORMAT TYPE 001b: extended header
+        out[5] = transition_time  # IMPLICIT TRANSITION TIME, seconds
+    for g in groups:
+        # PREF=0: no group is preferred over another beyond its state.
+        # STATUS CODE 00h: no status available (no SET TARGET PORT GROUPS,
+        # and no implicit transition has happened while the device ran).
+        out += struct.pack(">BBHBBBB", int(g.state) & 0x0F, _SUPPORTED_STATES, g.id, 0, 0x00, 0,
+                           len(g.relative_port_ids))
+        for rel in g.relative_port_ids:
+            out += struct.pack(">HH", 0, rel)
+    # RETURN DATA LENGTH: the bytes that follow it (n - 3), the extended
+    # header's four included (as sg_rtpg and Linux scsi_dh_alua read it).
+    struct.pack_into(">I", out, 0, len(out) - 4)
+    return bytes(out)
+
+
+async def report_target_port_groups(cmd: Command) -> Reply:
+    """SPC-4 §6.36: every target port group of the LU -- this gateway's and
+    its peers' -- in the length-only (000b) or extended (001b) format."""
+    cdb = cmd.cdb
+    fmt = cdb[1] >> 5
+    if fmt not in (RTPG_LENGTH_ONLY, RTPG_EXTENDED):
+        raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field_pointer=1, bit=7)
+    alloc = int.from_bytes(cdb[6:10], "big")
+    tpg = cmd.device.port_groups
+    data = target_port_groups_data(tpg.groups, fmt == RTPG_EXTENDED, tpg.implicit_transition_time)
+    return Command.allocation(data, alloc)
 
 
 # --- START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL -------------------------------

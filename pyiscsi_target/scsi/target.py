@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from .. import eager
 from .command import Nexus, ScsiResult, ScsiTask, Status, TmfResponse
+from .alua import SINGLE, TargetPortGroups
 from .context import Command
 from .lun import LogicalUnit
 from .opcodes import COMMANDS, PRE_DISPATCH, OpSpec, ServiceActions, resolve
@@ -30,10 +31,14 @@ log = logging.getLogger(__name__)
 class ScsiTargetDevice:
     """The SCSI target device behind one iSCSI target: its LUs, UA queues, task sets."""
 
-    def __init__(self, name: str, luns: dict[int, LogicalUnit], lun_view=None) -> None:
+    def __init__(self, name: str, luns: dict[int, LogicalUnit], lun_view=None,
+                 port_groups: TargetPortGroups = SINGLE) -> None:
         self.name = name
         self.luns = luns
         self.commands: dict[int, OpSpec | ServiceActions] = COMMANDS
+        # ALUA (SPC-4 §5.16): the target port groups the LUs are reached
+        # through, this device's and its peers'; the same for every LU.
+        self.port_groups = port_groups
         self._nexuses: set[Nexus] = set()
         # LUN masking: lun_view(nexus) -> the LUN ids that nexus may see, or
         # None for all.  Decided once per nexus; a masked LUN does not exist

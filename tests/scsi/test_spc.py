@@ -33,7 +33,7 @@ async def test_standard_inquiry(h):
     assert d[0] == 0x00 and d[1] == 0x00  # PDT 0, RMB 0
     assert d[2] == 0x06  # SPC-4
     assert d[3] == 0x12  # HISUP, RDF 2
-    assert d[5] == 0x00  # TPGS 0
+    assert d[5] == 0x10  # TPGS 01b: implicit ALUA
     assert d[7] == 0x02  # CMDQUE
     assert d[8:16] == b"PYISCSI " and d[16:32] == b"VIRTUAL-DISK    " and d[32:36] == b"0001"
     descs = struct.unpack(">8H", d[58:74])
