@@ -44,9 +44,16 @@ def good(reply):
 
 
 def test_two_node_cluster_scenario(target):
-    n1 = connect(target, NODE1)
-    n2 = connect(target, NODE2)
-    out = connect(target, OUTSIDER)
+    two_node_cluster_scenario(lambda name, q=1: connect(target, name, q),
+                              lambda name, q=1: connect(target, name, q))
+
+
+def two_node_cluster_scenario(via_1, via_2):
+    """node1 connects through ``via_1``, node2 and the outsider through
+    ``via_2`` (one target, or two gateways of one LU: tests/ceph)."""
+    n1 = via_1(NODE1)
+    n2 = via_2(NODE2)
+    out = via_2(OUTSIDER)
     try:
         for c in (n1, n2, out):
             assert c.unit_attentions() == [UA_POWER_ON]
@@ -79,7 +86,7 @@ def test_two_node_cluster_scenario(target):
         assert n2.unit_attentions() == []  # the preemptor gets no UA
 
         # node1 returns with the same ISID: the reset UA, then REGISTRATIONS PREEMPTED.
-        n1 = connect(target, NODE1)
+        n1 = via_1(NODE1)
         assert n1.unit_attentions() == [UA_POWER_ON, UA_REGISTRATIONS_PREEMPTED]
         assert n1.write16(100, b"\x44" * 512).status == RESERVATION_CONFLICT  # fenced
         good(n1.read16(100))
@@ -99,12 +106,19 @@ def test_two_node_cluster_scenario(target):
 
 
 def test_windows_validate_scsi3_persistent_reservation_replay(target):
+    windows_validation_replay(lambda name, q: connect(target, name, q),
+                              lambda name, q: connect(target, name, q))
+
+
+def windows_validation_replay(path_1, path_2):
     """The ClusPrep primitives in the order MS-CSVP allows (Clear -> Register
     -> Reserve -> IsPRPresent -> Preempt -> Release -> UnRegister), with the
     RSVD test suite's expectations (wsfc §3.3), from two nodes x two MPIO
-    paths, asserting what Windows reads back (wsfc §3.2: "Failed to read PR")."""
-    a1, a2 = connect(target, NODE1, 1), connect(target, NODE1, 2)  # node A, two paths (two ISIDs)
-    b1, b2 = connect(target, NODE2, 1), connect(target, NODE2, 2)
+    paths, asserting what Windows reads back (wsfc §3.2: "Failed to read PR").
+    Each node's first path is made by ``path_1``, its second by ``path_2``
+    (the same target, or two gateways: one MPIO path through each)."""
+    a1, a2 = path_1(NODE1, 1), path_2(NODE1, 2)  # node A, two paths (two ISIDs)
+    b1, b2 = path_2(NODE2, 1), path_1(NODE2, 2)
     paths = (a1, a2, b1, b2)
     try:
         for c in paths:
