@@ -13,19 +13,55 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from .. import eager
 from .command import Nexus, ScsiResult, ScsiTask, Status, TmfResponse
 from .alua import SINGLE, TargetPortGroups
 from .context import Command
 from .lun import LogicalUnit
-from .opcodes import COMMANDS, PRE_DISPATCH, OpSpec, ServiceActions, resolve
+from .opcodes import (COMMANDS, PRE_DISPATCH, OpSpec, ServiceActions, check_cdb_bits, check_lun, check_opcode,
+                      check_unit_attention, resolve)
 from .sense import Reason, ScsiError, build_sense
 from .tasks import TaskEntry, TaskSet
 
 __all__ = ["ScsiTargetDevice"]
 
 log = logging.getLogger(__name__)
+
+# The pre-dispatch checks submit() decides from the LU's state without running
+# them (each passes with no side effect when its condition holds); the others
+# always run, in PRE_DISPATCH order.
+_DECIDED_INLINE = (check_lun, check_unit_attention, check_opcode, check_cdb_bits)
+_INLINE_CHECKS = tuple(c for c in PRE_DISPATCH if c not in _DECIDED_INLINE)
+
+
+def _inline_rows(table) -> dict[int, tuple[OpSpec, int, int]]:
+    """opcode -> (row, CDB length, mask of the bits its usage data leaves
+    reserved in CDB bytes 1..n-1): check_cdb_bits as one integer AND."""
+    rows = {}
+    for opcode, spec in table.items():
+        if isinstance(spec, OpSpec):
+            n = len(spec.usage)
+            reserved = ~int.from_bytes(spec.usage[1:n], "big") & ((1 << (8 * (n - 1))) - 1)
+            rows[opcode] = (spec, n, reserved)
+    return rows
+
+
+_INLINE_ROWS = _inline_rows(COMMANDS)
+
+
+class _Completed:
+    """What submit() returns for a command that already answered."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+
+_COMPLETED = _Completed()
 
 
 class ScsiTargetDevice:
@@ -36,6 +72,7 @@ class ScsiTargetDevice:
         self.name = name
         self.luns = luns
         self.commands: dict[int, OpSpec | ServiceActions] = COMMANDS
+        self._inline = _INLINE_ROWS        # used while self.commands is COMMANDS
         # ALUA (SPC-4 §5.16): the target port groups the LUs are reached
         # through, this device's and its peers'; the same for every LU.
         self.port_groups = port_groups
@@ -106,12 +143,15 @@ class ScsiTargetDevice:
         finally:
             lu.tasks.end(entry)
 
-    def submit(self, task: ScsiTask, done: Callable[[ScsiResult | None], None]) -> asyncio.Future:
+    def submit(self, task: ScsiTask, done: Callable[[ScsiResult | None], None]):
         """Start a command without awaiting it: ``done(result)`` runs when it
         ends, ``done(None)`` when a task management function aborted it.
+        Returns an object with ``done()`` (an asyncio.Future, an EagerTask or
+        :data:`_COMPLETED`): not done means still running.
 
         The fabric's fast path: one asyncio task per command, where awaiting
-        :meth:`execute` from a task of the fabric's own would cost two.
+        :meth:`execute` from a task of the fabric's own would cost two; none
+        at all for a command that does not have to wait (see _submit_inline).
         """
         loop = asyncio.get_running_loop()
         lu = self.luns.get(task.lun)
@@ -120,6 +160,20 @@ class ScsiTargetDevice:
         if lu is None:
             runner = eager.start(self._dispatch(task, None), loop)
         else:
+            row = self._inline.get(task.cdb[0]) if self.commands is COMMANDS else None
+            if row is not None:
+                spec, n, reserved = row
+                cdb = task.cdb
+                # The pre-dispatch checks this skips would all pass without
+                # side effects: the LUN exists, the opcode is a plain row this
+                # LU supports, no reserved CDB bit is set, and no unit
+                # attention is queued for this nexus (checking one pops it).
+                # Anything else takes the generic path, which reports it.
+                if len(cdb) >= n and not int.from_bytes(cdb[1:n], "big") & reserved \
+                        and (spec.allowed_with_ua or not lu.unit_attentions.pending(task.nexus)) \
+                        and (spec.supported is None or spec.supported(lu)) \
+                        and lu.tasks.runs_at_once(task.nexus, task.tag, task.attribute):
+                    return self._submit_inline(lu, spec, task, done, loop)
             entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
             if entry is None:
                 # SAM-5 §5.10: a tag already in use on this nexus.
@@ -131,21 +185,7 @@ class ScsiTargetDevice:
             entry.task = runner
         obs = self.observer
         t0 = loop.time() if obs is not None else 0.0
-
-        def finished(t: asyncio.Task) -> None:
-            if t.cancelled():
-                done(None)
-                return
-            exc = t.exception()
-            if exc is not None:  # _dispatch maps every error; this is a bug
-                log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
-                done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
-                return
-            result = t.result()
-            if obs is not None:
-                obs(task, result, t0)
-            done(result)
-
+        finished = partial(self._finished, task, done, obs, t0, None, None)
         if runner.done():
             # Finished in its first step (no wait): answer now, in the same
             # loop iteration that received the command.
@@ -153,6 +193,62 @@ class ScsiTargetDevice:
         else:
             runner.add_done_callback(finished)
         return runner
+
+    def _submit_inline(self, lu: LogicalUnit, spec: OpSpec, task: ScsiTask,
+                       done: Callable[[ScsiResult | None], None], loop):
+        """Run a command whose skipped checks are known to pass (see submit)
+        straight from the caller: no asyncio task, no task-set entry and no
+        future unless it has to wait.  A READ served from the page cache or a
+        write taken by a cache completes here, in the data_received that
+        brought it.  The remaining pre-dispatch checks (reservations, and any
+        check added to PRE_DISPATCH later) run as usual, in their order, so
+        the result is the generic path's to the byte."""
+        obs = self.observer
+        t0 = loop.time() if obs is not None else 0.0
+        coro = self._handle(Command(task, lu, self, spec, None), _INLINE_CHECKS)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration as stop:
+            result = stop.value
+            if obs is not None:
+                obs(task, result, t0)
+            done(result)
+            return _COMPLETED
+        except asyncio.CancelledError:
+            done(None)
+            return _COMPLETED
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # _handle maps every error; this is a bug
+            log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
+            done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
+            return _COMPLETED
+        # It waits (a disk read, the write gate, a flush): register it now, as
+        # begin() would have before it started (runs_at_once: the tag is free
+        # and it waits for nothing), so task management can abort it.
+        entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
+        runner = eager.EagerTask.adopt(coro, waiting_on, loop)
+        entry.task = runner
+        runner.add_done_callback(partial(self._finished, task, done, obs, t0, lu, entry))
+        return runner
+
+    def _finished(self, task: ScsiTask, done, obs, t0: float, lu: LogicalUnit | None, entry: TaskEntry | None,
+                  t) -> None:
+        """A command's task ended: hand the result (None: aborted) to the fabric."""
+        if entry is not None:
+            lu.tasks.end(entry)
+        if t.cancelled():
+            done(None)
+            return
+        exc = t.exception()
+        if exc is not None:  # _dispatch maps every error; this is a bug
+            log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
+            done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
+            return
+        result = t.result()
+        if obs is not None:
+            obs(task, result, t0)
+        done(result)
 
     async def _run(self, lu: LogicalUnit, entry: TaskEntry, task: ScsiTask) -> ScsiResult:
         try:
@@ -164,12 +260,17 @@ class ScsiTargetDevice:
 
     async def _dispatch(self, task: ScsiTask, lu: LogicalUnit | None) -> ScsiResult:
         spec, lookup_error = resolve(self.commands, task.cdb)
-        cmd = Command(task, lu, self, spec, lookup_error)
+        return await self._handle(Command(task, lu, self, spec, lookup_error), PRE_DISPATCH)
+
+    async def _handle(self, cmd: Command, checks) -> ScsiResult:
+        """Run ``checks`` (pre-dispatch), then the handler; every error
+        becomes CHECK CONDITION with its sense data."""
         try:
-            for check in PRE_DISPATCH:
+            for check in checks:
                 early = check(cmd)
                 if early is not None:
                     return early
+            spec = cmd.spec
             assert spec is not None
             reply = await spec.handler(cmd)
         except ScsiError as err:
@@ -177,13 +278,14 @@ class ScsiTargetDevice:
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug, or a backend failure outside the mapped paths
+            task = cmd.task
             log.exception("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex())
             return ScsiResult(
                 Status.CHECK_CONDITION,
                 sense=build_sense(Reason.INTERNAL_TARGET_FAILURE),
                 data_out_wanted=cmd.data_out_wanted,
             )
-        if isinstance(reply, ScsiResult):
+        if type(reply) is ScsiResult or isinstance(reply, ScsiResult):
             return reply
         return ScsiResult(Status.GOOD, data_in=reply if reply is not None else b"", data_out_wanted=cmd.data_out_wanted)
 

@@ -64,6 +64,15 @@ class TaskSet:
             self._ordered += 1
         return entry
 
+    def runs_at_once(self, nexus: Nexus, tag: int, attribute: TaskAttribute) -> bool:
+        """True when :meth:`begin` would accept this task with nothing to wait
+        for: the tag is free and no ORDERED task is in the set (nor is this
+        one).  Such a task may run its first step before it is registered and
+        register only if it has to wait (ScsiTargetDevice.submit): nothing
+        can look at the set while that step runs, so it is indistinguishable
+        from registering first."""
+        return not self._ordered and attribute != TaskAttribute.ORDERED and (nexus, tag) not in self._entries
+
     @staticmethod
     async def wait_turn(entry: TaskEntry) -> None:
         for earlier in entry.waits_for:
