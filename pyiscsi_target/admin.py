@@ -337,6 +337,15 @@ def _pr(lu) -> dict | None:
     }
 
 
+def _gateway(cfg) -> dict:
+    """[gateway]: this gateway's name, ALUA target port group (= TPGT) and
+    state, and its peers'."""
+    gw = cfg.gateway
+    return {"name": gw.name, "port_group": gw.port_group, "state": gw.state,
+            "peers": [{"name": p.name, "port_group": p.port_group, "state": p.state,
+                       "portals": [_addr(x) for x in p.portals]} for p in gw.peers]}
+
+
 def snapshot(server, ops: Operations | None = None) -> dict:
     """Everything ``status`` shows, as plain JSON-able data.  No secrets:
     CHAP appears as present or not, never a name's secret."""
@@ -425,6 +434,7 @@ def snapshot(server, ops: Operations | None = None) -> dict:
         "started": ops.started if ops else None,
         "uptime": round(now - ops.started, 1) if ops else None,
         "portals": portals or [_addr(x) for x in cfg.server.listen],
+        "gateway": _gateway(cfg),
         "dashboard": ops.http.url if ops and ops.http else None,
         "throughput": {"read_iops": tot[0], "write_iops": tot[1], "read_bps": tot[2], "write_bps": tot[3]},
         "targets": targets,
@@ -566,6 +576,12 @@ def format_status(st: dict) -> str:
         f"pyiscsi-target {st['version']}, pid {st['pid']}, up {_duration(st.get('uptime'))}, config {st['config']}",
         f"portals:    {', '.join(st['portals'])}",
     ]
+    gw = st.get("gateway")
+    if gw:
+        line = f"gateway:    {gw['name']}, port group {gw['port_group']} ({gw['state']})"
+        for p in gw["peers"]:
+            line += f"; peer {p['name']}: group {p['port_group']} ({p['state']})"
+        out.append(line)
     if st.get("dashboard"):
         out.append(f"dashboard:  {st['dashboard']}  (Prometheus: {st['dashboard']}metrics)")
     out.append(f"throughput: read {_rate(t['read_bps'], t['read_iops'])}, write {_rate(t['write_bps'], t['write_iops'])}")

@@ -107,6 +107,19 @@ def lun_view(t):
     return lambda nexus: mask.visible(ids, initiator_from_port(nexus.initiator_port))
 
 
+def port_groups(config: Config):
+    """``[gateway]`` as the SCSI core's ALUA view: one target port group per
+    gateway (this one and every peer), each holding one target port whose
+    relative port id is the group id -- the same number the fabric uses as
+    TPGT and relative port id for this gateway's sessions."""
+    from .scsi.alua import AccessState, PortGroup, TargetPortGroups
+
+    gw = config.gateway
+    own = PortGroup(gw.port_group, AccessState.from_label(gw.state), (gw.port_group,))
+    peers = [PortGroup(p.port_group, AccessState.from_label(p.state), (p.port_group,)) for p in gw.peers]
+    return TargetPortGroups((own, *sorted(peers, key=lambda g: g.id)))
+
+
 async def load_pr(config: Config, iqn: str, lun: LunConfig):
     """The LU's persistent reservations, restored from ``state_dir`` when
     APTPL was set (SPC-4 §5.12.5), and the callback that persists them."""
@@ -155,7 +168,7 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
                     )
                 except ValueError as e:
                     raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
-            devices[t.iqn] = ScsiTargetDevice(t.iqn, luns, lun_view=lun_view(t))
+            devices[t.iqn] = ScsiTargetDevice(t.iqn, luns, lun_view=lun_view(t), port_groups=port_groups(config))
     except BaseException:
         for b in opened:
             try:

@@ -158,6 +158,11 @@ def summarize(config: Config) -> str:
         f"ImmediateData {'Yes' if i.immediate_data else 'No'}, InitialR2T {'Yes' if i.initial_r2t else 'No'}, "
         f"digests {'/'.join(i.header_digest)} (header) {'/'.join(i.data_digest)} (data)",
     ]
+    gw = config.gateway
+    out.append(f"gateway:   {gw.name}, ALUA port group / TPGT {gw.port_group} ({gw.state})")
+    for p in gw.peers:
+        where = ", ".join(portal(h, port) for h, port in p.portals) or "no portals advertised"
+        out.append(f"  peer:    {p.name}, port group {p.port_group} ({p.state}): {where}")
     out += _operations_summary(config, portal)
     for w in getattr(config, "warnings", ()):
         out.append(f"warning:   {w}")

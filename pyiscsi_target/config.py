@@ -32,6 +32,9 @@ __all__ = [
     "ServerConfig",
     "TargetConfig",
     "DEFAULT_PORT",
+    "GATEWAY_STATES",
+    "GatewayConfig",
+    "PeerGatewayConfig",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -170,6 +173,33 @@ class MetricsConfig:
     listen: tuple[str, int] | None = None
 
 
+#: ALUA asymmetric access states a gateway may be in (SPC-4 §5.16.2.4).
+GATEWAY_STATES = ("active/optimized", "active/non-optimized", "standby")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGatewayConfig:
+    """``[[gateway.peer]]``: another gateway exporting the same targets."""
+
+    name: str
+    port_group: int
+    state: str = "active/optimized"
+    portals: tuple[tuple[str, int], ...] = ()  # advertised by SendTargets with TPGT = port_group
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """``[gateway]``: this process as one of several gateways exporting the
+    same LUs (issue 10).  ``port_group`` is at once its ALUA target port
+    group id, the TPGT of all its portals and its relative target port id.
+    The default is a single box: group 1, active/optimized, no peers."""
+
+    name: str = ""  # "" = the host name (filled in by parse_config)
+    port_group: int = 1
+    state: str = "active/optimized"
+    peers: tuple[PeerGatewayConfig, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
@@ -181,6 +211,7 @@ class Config:
     cache: CacheConfig = CacheConfig()  # [cache]
     admin: AdminConfig = AdminConfig()  # [admin]
     metrics: MetricsConfig = MetricsConfig()  # [metrics]
+    gateway: GatewayConfig = GatewayConfig()  # [gateway]
 
     def target(self, iqn: str) -> TargetConfig | None:
         for t in self.targets:
@@ -566,7 +597,7 @@ def _rotation_rate(v: Any) -> int:
     return v
 
 
-_TOP_KEYS = ("server", "iscsi", "target", "discovery", "cache", "admin", "metrics")
+_TOP_KEYS = ("server", "iscsi", "target", "discovery", "cache", "admin", "metrics", "gateway")
 _CACHE_KEYS = ("size", "mode", "max_dirty_age", "dirty_limit")
 _SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions",
                 "max_connections_total", "max_connections_per_address", "login_failure_delay")
@@ -1148,6 +1179,103 @@ def _validate_operations(data: dict, v: _Validator, server: ServerConfig) -> tup
     return admin, MetricsConfig(listen=mlisten)
 
 
+_GATEWAY_KEYS = ("name", "port_group", "state", "peer")
+_PEER_KEYS = ("name", "port_group", "state", "portals")
+
+
+def _gateway_name(x: Any) -> str:
+    if not isinstance(x, str) or not x.strip() or len(x) > 64 or not x.isprintable():
+        raise ValueError(f"{_show(x)} must be a name of 1..64 printable characters")
+    return x
+
+
+def _gateway_state(x: Any) -> str:
+    if x not in GATEWAY_STATES:
+        raise ValueError(f"{_show(x)} is not an ALUA state: use " + ", ".join(f'"{s}"' for s in GATEWAY_STATES))
+    return x
+
+
+def _validate_gateway(data: dict, v: _Validator, server: ServerConfig) -> GatewayConfig:
+    """``[gateway]`` and its ``[[gateway.peer]]`` list.  Port groups are
+    SPC-4 target port group ids and iSCSI TPGTs at once: 1..65535, unique
+    among this gateway and its peers (an initiator would merge two groups'
+    paths otherwise)."""
+    import socket
+
+    g = v.table(data, "gateway", "gateway")
+    v.check_keys(g, "gateway", _GATEWAY_KEYS)
+    d = GatewayConfig()
+    name = v.get(g, "name", "gateway", _gateway_name, "") or socket.gethostname() or "localhost"
+    group_id = v.get(g, "port_group", "gateway", _int_range(1, 65535), d.port_group)
+    state = v.get(g, "state", "gateway", _gateway_state, d.state)
+    groups: dict[int, str] = {group_id: "gateway"}
+    names: dict[str, str] = {name: "gateway"}
+    raw = g.get("peer", [])
+    if isinstance(raw, dict):
+        v.error("gateway.peer", "write [[gateway.peer]] (an array of tables, one per peer), not [gateway.peer]")
+        raw = []
+    elif not isinstance(raw, list):
+        v.error("gateway.peer", f"must be [[gateway.peer]] tables, not {_tname(raw)}")
+        raw = []
+    own_portals = set(server.listen)
+    peers: list[PeerGatewayConfig] = []
+    seen_portals: dict[tuple[str, int], str] = {}
+    for i, pt in enumerate(raw):
+        pp = f"gateway.peer[{i}]"
+        if not isinstance(pt, dict):
+            v.error(pp, "must be a table ([[gateway.peer]])")
+            continue
+        v.check_keys(pt, pp, _PEER_KEYS)
+        pname = v.get(pt, "name", pp, _gateway_name, None, required=True)
+        pgroup = v.get(pt, "port_group", pp, _int_range(1, 65535), None, required=True)
+        pstate = v.get(pt, "state", pp, _gateway_state, d.state)
+        if pname is not None:
+            if pname in names:
+                what = "this gateway's name" if names[pname] == "gateway" else f"already used by {names[pname]}"
+                v.error(f"{pp}.name", f'"{pname}" is {what}: list the other gateways, not this one')
+            names.setdefault(pname, pp)
+        if pgroup is not None:
+            if pgroup in groups:
+                whose = "this gateway's [gateway] port_group" if groups[pgroup] == "gateway" else groups[pgroup]
+                v.error(f"{pp}.port_group", f"{pgroup} is already used by {whose}; every gateway needs its own")
+            groups.setdefault(pgroup, pp)
+        portals: list[tuple[str, int]] = []
+        rp = pt.get("portals", [])
+        if not isinstance(rp, list):
+            v.error(f"{pp}.portals", f'{rp!r} must be a list of "host:port" strings, e.g. ["192.0.2.12:3260"]')
+            rp = []
+        for j, it in enumerate(rp):
+            kp = f"{pp}.portals[{j}]"
+            try:
+                hp = parse_portal(it)
+            except ValueError as e:
+                v.error(kp, str(e))
+                continue
+            if _is_ip(hp[0]) and ipaddress.ip_address(hp[0]).is_unspecified:
+                # RFC 7143 / windows-initiator.md §3: an initiator cannot connect to a wildcard.
+                v.error(kp, f'"{it}" is a wildcard address; give the address initiators reach the peer on')
+                continue
+            if hp in own_portals:
+                v.error(kp, f'"{it}" is one of this gateway\'s own [server] listen portals')
+                continue
+            if hp in seen_portals:
+                v.error(kp, f'"{it}" is already listed by {seen_portals[hp]}')
+                continue
+            seen_portals[hp] = pp
+            portals.append(hp)
+        if pname is not None and pgroup is not None:
+            peers.append(PeerGatewayConfig(pname, pgroup, pstate, tuple(portals)))
+    return GatewayConfig(name=name, port_group=group_id, state=state, peers=tuple(peers))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------
@@ -1175,12 +1303,13 @@ def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | No
     server, iscsi, targets = _validate(data, v)
     _validate_discovery(data, v)
     admin, metrics = _validate_operations(data, v, server)
+    gateway = _validate_gateway(data, v, server)
     if v.errors:
         msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
         raise ConfigError("\n".join(msgs), msgs)
     return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(),
                   discovery_chap=v.discovery_chap, warnings=tuple(v.warnings) + _readable_warning(v, source),
-                  cache=v.cache, admin=admin, metrics=metrics)
+                  cache=v.cache, admin=admin, metrics=metrics, gateway=gateway)
 
 
 def load_config(path: str | Path) -> Config:

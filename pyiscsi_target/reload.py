@@ -119,7 +119,8 @@ class Reloader:
                      "login_failure_delay"):
             if getattr(old.server, name, None) != getattr(new.server, name, None):
                 p.warnings.append(f"[server] {name} changed: takes effect at the next restart")
-        for name, label in (("cache", "[cache]"), ("admin", "[admin]"), ("metrics", "[metrics]")):
+        for name, label in (("cache", "[cache]"), ("admin", "[admin]"), ("metrics", "[metrics]"),
+                            ("gateway", "[gateway]")):
             if getattr(old, name, None) != getattr(new, name, None):
                 p.warnings.append(f"{label} changed: takes effect at the next restart")
         old_t = {t.iqn: t for t in old.targets}
@@ -183,7 +184,10 @@ class Reloader:
             # Images a reload removes stay open until commit; an image moved to
             # another LUN in the same reload is therefore still locked: say so.
             try:
-                built = await build_devices(dataclasses.replace(new, targets=tuple(synthetic)))
+                # Added targets get the running [gateway] (ALUA groups, TPGT):
+                # a [gateway] change applies to all targets at the next restart.
+                built = await build_devices(dataclasses.replace(new, targets=tuple(synthetic),
+                                                                gateway=self.server.config.gateway))
             except ConfigError as e:
                 msg = str(e)
                 if "in use" in msg or "locked" in msg:
@@ -318,7 +322,7 @@ class Reloader:
             new,
             server=_keep(new.server, old.server, ("listen", "state_dir", "max_connections_total",
                                                   "max_connections_per_address", "login_failure_delay")),
-            cache=old.cache, admin=old.admin, metrics=old.metrics)
+            cache=old.cache, admin=old.admin, metrics=old.metrics, gateway=old.gateway)
         from .logs import add_secrets, secrets_of
 
         add_secrets(secrets_of(new))  # new CHAP secrets are redacted from the log too
@@ -395,6 +399,9 @@ async def _retire(lu) -> None:
         await lu.backend.flush()
     except Exception:
         log.exception("flushing removed LUN %d", lu.lun_id)
+    from .assemble import close_shared
+
+    await close_shared([lu])
     await lu.backend.close()
 
 

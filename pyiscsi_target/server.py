@@ -338,7 +338,8 @@ class TargetServer:
                                  portals=list(srv.listen), nop_interval=srv.nop_interval,
                                  nop_timeout=srv.nop_timeout, login_timeout=srv.login_timeout,
                                  max_sessions=srv.max_sessions,
-                                 discovery_chap=chap_credentials(getattr(config, "discovery_chap", None)))
+                                 discovery_chap=chap_credentials(getattr(config, "discovery_chap", None)),
+                                 **gateway_context(config))
         self.limiter = ConnectionLimiter(getattr(srv, "max_connections_total", 1024),
                                          getattr(srv, "max_connections_per_address", 64),
                                          getattr(srv, "login_failure_delay", 1.0))
@@ -405,6 +406,15 @@ class TargetServer:
             await dev.close()
 
 
+def gateway_context(config) -> dict:
+    """[gateway] for the fabric: this gateway's port group is the TPGT of its
+    portals (login TargetPortalGroupTag, SendTargets) and the relative target
+    port id of its I_T nexuses; peers' portals go into SendTargets."""
+    gw = config.gateway
+    return {"tpgt": gw.port_group,
+            "peer_portals": [(h, p, peer.port_group) for peer in gw.peers for h, p in peer.portals]}
+
+
 def _fmt_addr(a) -> str:
     host, port = a[0], a[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -446,6 +456,9 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
             await dev.close()
         return 1
     log.info("serving %d target(s): %s", len(server.devices), ", ".join(server.devices))
+    gw = config.gateway
+    log.info("gateway %s: target port group %d (%s)%s", gw.name, gw.port_group, gw.state,
+             "".join(f"; peer {p.name}: group {p.port_group} ({p.state})" for p in gw.peers))
     try:
         await stop.wait()
     except asyncio.CancelledError:

@@ -2,7 +2,10 @@
 
 TargetAddress is the address the initiator actually reached us on, first, then
 any other configured specific portals — never a wildcard (0.0.0.0/::), which an
-initiator cannot connect to (Windows reference §3; LIO does the same).
+initiator cannot connect to (Windows reference §3; LIO does the same) — then
+the portals of the other gateways exporting the same targets, each with its
+own TPGT (RFC 7143 §4.4.1: one target portal group per gateway, since a
+session cannot span gateways), so an initiator discovers every path at once.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def target_addresses(ctx: PortalContext, local: tuple[str, int]) -> list[str]:
         if _is_wildcard(host):
             continue
         a = format_address(host, port, ctx.tpgt)
+        if a not in seen:
+            seen.add(a)
+            out.append(a)
+    for host, port, tpgt in ctx.peer_portals:
+        a = format_address(host, port, tpgt)
         if a not in seen:
             seen.add(a)
             out.append(a)

@@ -40,8 +40,14 @@ class PortalContext:
 
     targets: dict[str, TargetEntry]
     offers: dict[str, str]                       # RFC 7143 key → our offered value
+    # Target portal group tag of every portal of this process (RFC 7143
+    # §4.4.1); also its relative target port id (SPC-4 §7.8.6.7) and its ALUA
+    # target port group ([gateway] port_group; 1 for a single box).
     tpgt: int = 1
     portals: list[tuple[str, int]] = field(default_factory=list)   # configured listen addresses
+    # Other gateways' portals (host, port, their TPGT), advertised by
+    # SendTargets so one discovery finds every path ([[gateway.peer]] portals).
+    peer_portals: list[tuple[str, int, int]] = field(default_factory=list)
     queue_depth: int = 128
     nop_interval: float = 10.0
     nop_timeout: float = 30.0
