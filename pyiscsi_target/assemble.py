@@ -29,6 +29,8 @@ class AssembleError(ConfigError):
 async def open_lun(config: Config, iqn: str, lun: LunConfig) -> tuple[FileBackend, LuIdentityRecord]:
     """Open/create one LUN's image and load its identity (blocking work in a thread)."""
     where = f"{config.source}: target {iqn} LUN {lun.id}"
+    if lun.is_rbd:
+        return await open_rbd_lun(config, iqn, lun)
     try:
         ident = await asyncio.to_thread(load_or_create_identity, config.server.state_dir, iqn, lun.id, lun.serial)
     except (IdentityError, OSError) as e:
@@ -57,6 +59,31 @@ async def open_lun(config: Config, iqn: str, lun: LunConfig) -> tuple[FileBacken
         ident.serial,
         ident.naa.hex(),
     )
+    return backend, ident
+
+
+async def open_rbd_lun(config: Config, iqn: str, lun: LunConfig):
+    """An RBD image (``path = "rbd:pool/image"``).  Its identity comes from the
+    cluster (fsid, pool id, image id), not from state_dir, so every gateway
+    exporting the image presents the same disk; a configured serial wins."""
+    from .identity import derive_shared_image_identity
+    from .storage.rbd import CephSettings, open_rbd
+
+    where = f"{config.source}: target {iqn} LUN {lun.id}"
+    c = config.ceph
+    settings = CephSettings(conf=str(c.conf), client=c.client, keyring=str(c.keyring) if c.keyring else None)
+    try:
+        backend = await asyncio.to_thread(open_rbd, str(lun.path), settings, size=lun.size, create=lun.size is not None,
+                                          block_size=lun.block_size, read_only=lun.read_only)
+    except (StorageError, OSError, ValueError, ImportError) as e:
+        raise AssembleError(f"{where}: {e}") from e
+    if lun.serial is not None:
+        ident = await asyncio.to_thread(load_or_create_identity, config.server.state_dir, iqn, lun.id, lun.serial)
+    else:
+        ident = derive_shared_image_identity(backend.fsid, backend.pool_id, backend.image_id)
+    log.info("target %s LUN %d: %s (id %s, cluster %s), %s, %d-byte blocks, thin%s, serial %s, naa %s", iqn, lun.id,
+             lun.path, backend.image_id, backend.fsid, format_size(backend.size), lun.block_size,
+             ", read-only" if lun.read_only else "", ident.serial, ident.naa.hex())
     return backend, ident
 
 

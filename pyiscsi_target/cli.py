@@ -183,6 +183,9 @@ def summarize(config: Config) -> str:
         for lun in t.luns:
             if lun.is_block_device:
                 size, state = "device size", "block device"
+            elif lun.is_rbd:
+                size = "image size" + (f" ({format_size(lun.size)} if created)" if lun.size is not None else "")
+                state = f"Ceph RBD, {config.ceph.conf} as client.{config.ceph.client}"
             else:
                 exists = lun.path.exists()
                 size = format_size(lun.size) if lun.size is not None else format_size(lun.path.stat().st_size)

@@ -127,6 +127,23 @@ class LunConfig:
     def is_block_device(self) -> bool:
         return _is_device_path(self.path)
 
+    @property
+    def is_rbd(self) -> bool:
+        """``path = "rbd:pool/image"``: a Ceph RBD image (path is not a file)."""
+        return str(self.path).startswith(RBD_PREFIX)
+
+
+RBD_PREFIX = "rbd:"
+
+
+@dataclass(frozen=True, slots=True)
+class CephConfig:
+    """``[ceph]``: how RBD LUNs reach the cluster (one connection per process)."""
+
+    conf: Path = Path("/etc/ceph/ceph.conf")  # absolute
+    client: str = "admin"  # the client id: the cephx entity is client.<id>
+    keyring: Path | None = None  # None = what ceph.conf says (default /etc/ceph/ceph.client.<id>.keyring)
+
 
 @dataclass(frozen=True, slots=True)
 class ChapConfig:
@@ -211,6 +228,7 @@ class Config:
     cache: CacheConfig = CacheConfig()  # [cache]
     admin: AdminConfig = AdminConfig()  # [admin]
     metrics: MetricsConfig = MetricsConfig()  # [metrics]
+    ceph: CephConfig = CephConfig()  # [ceph]
     gateway: GatewayConfig = GatewayConfig()  # [gateway]
 
     def target(self, iqn: str) -> TargetConfig | None:
@@ -478,6 +496,7 @@ class _Validator:
         self.warnings: list[str] = []
         self.has_inline_secret = False
         self.discovery_chap: ChapConfig | None = None
+        self.rbd_luns: list[str] = []  # key paths of the RBD LUNs ([ceph] is needed then)
 
     def warn(self, path: str, msg: str) -> None:
         line = self.loc.line_of(path)
@@ -597,7 +616,7 @@ def _rotation_rate(v: Any) -> int:
     return v
 
 
-_TOP_KEYS = ("server", "iscsi", "target", "discovery", "cache", "admin", "metrics", "gateway")
+_TOP_KEYS = ("server", "iscsi", "target", "discovery", "cache", "admin", "metrics", "ceph", "gateway")
 _CACHE_KEYS = ("size", "mode", "max_dirty_age", "dirty_limit")
 _SERVER_KEYS = ("listen", "state_dir", "nop_interval", "nop_timeout", "login_timeout", "max_sessions",
                 "max_connections_total", "max_connections_per_address", "login_failure_delay")
@@ -857,6 +876,8 @@ def _resolve(base: Path, p: str) -> Path:
 
 def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
     v.check_keys(ll, lp, _LUN_KEYS + _LUN_CACHE_KEYS)
+    if isinstance(ll.get("path"), str) and ll["path"].startswith(RBD_PREFIX):
+        return _validate_rbd_lun(ll, lp, v)
     n_err = len(v.errors)
     lun_id = v.get(ll, "id", lp, _int_range(0, MAX_LUN_ID), None, required=True)
     path = v.get(ll, "path", lp, _path_str, None, required=True)
@@ -894,6 +915,82 @@ def _validate_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
         initiators=initiators,
         **cache_fields,
     )
+
+
+def _validate_rbd_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
+    """``path = "rbd:pool/image"``: a Ceph RBD image, possibly exported by
+    several gateways at once.  Its size is the image's (``size`` only sizes a
+    missing image); existence is checked when the LUN is opened (it needs the
+    cluster)."""
+    from .storage.rbd import parse_rbd_path
+
+    n_err = len(v.errors)
+    lun_id = v.get(ll, "id", lp, _int_range(0, MAX_LUN_ID), None, required=True)
+    path = ll["path"]
+    try:
+        parse_rbd_path(path)
+    except ValueError as e:
+        v.error(f"{lp}.path", str(e))
+    block_size = v.get(ll, "block_size", lp, _block_size, 512)
+    size = v.get(ll, "size", lp, parse_size, None)
+    if size is not None and (size == 0 or size % block_size):
+        v.error(f"{lp}.size", f"{_show(ll['size'])} must be a positive multiple of the block size {block_size}")
+    if "preallocate" in ll:
+        v.error(f"{lp}.preallocate", "RBD images are thin (Ceph allocates on write); remove it")
+    # No cache in front of a shared image: another gateway writing the same
+    # image would not invalidate this one's cached pages, so initiators on
+    # different gateways would read stale data (write-through too), and
+    # write-back would acknowledge writes the other gateways cannot see.
+    cache = ll.get("cache", "none")
+    if cache != "none":
+        v.error(f"{lp}.cache", f'{_show(cache)} is not possible on an RBD LUN: several gateways may write the '
+                "image, and a cache on one would serve stale data to its initiators; use \"none\" (the default "
+                "for RBD LUNs) - writes are acknowledged once on the OSDs")
+    for key in ("journal", "journal_size", "max_dirty_age", "dirty_limit"):
+        if key in ll:
+            v.error(f"{lp}.{key}", "RBD LUNs have no cache or journal; remove it")
+    read_only = v.get(ll, "read_only", lp, _bool, False)
+    serial = v.get(ll, "serial", lp, _serial, None)
+    rotation_rate = v.get(ll, "rotation_rate", lp, _rotation_rate, 0)
+    initiators = v.get(ll, "initiators", lp, _name_patterns, ())
+    if len(v.errors) != n_err or lun_id is None:
+        return None
+    v.rbd_luns.append(lp)
+    return LunConfig(id=lun_id, path=Path(path), size=size, block_size=block_size, read_only=read_only,
+                     serial=serial, rotation_rate=rotation_rate, initiators=initiators, cache="none")
+
+
+_CEPH_KEYS = ("conf", "client", "keyring")
+
+
+def _ceph_client(x: Any) -> str:
+    if not isinstance(x, str) or not x.strip() or any(c.isspace() for c in x):
+        raise ValueError(f'{_show(x)} must be a cephx client id like "admin" or "iscsi"')
+    return x[len("client."):] if x.startswith("client.") and len(x) > len("client.") else x
+
+
+def _validate_ceph(data: dict, v: _Validator) -> CephConfig:
+    """``[ceph]``; the files it names must exist when an RBD LUN uses them."""
+    c = v.table(data, "ceph", "ceph")
+    v.check_keys(c, "ceph", _CEPH_KEYS)
+    d = CephConfig()
+    conf = v.get(c, "conf", "ceph", _path_str, str(d.conf))
+    keyring = v.get(c, "keyring", "ceph", _path_str, None)
+    out = CephConfig(conf=_resolve(v.base_dir, conf), client=v.get(c, "client", "ceph", _ceph_client, d.client),
+                     keyring=_resolve(v.base_dir, keyring) if keyring is not None else None)
+    if v.rbd_luns:
+        where = "ceph.conf" if "conf" in c else f"{v.rbd_luns[0]}.path"
+        if not out.conf.is_file():
+            v.error(where, f'the Ceph config "{out.conf}" does not exist; set [ceph] conf = "/path/to/ceph.conf"')
+        if out.keyring is not None and not out.keyring.is_file():
+            v.error("ceph.keyring", f'"{out.keyring}" does not exist')
+        from .storage.ceph_bindings import CephBindingsError, import_rados_rbd
+
+        try:
+            import_rados_rbd()
+        except CephBindingsError as e:
+            v.error(f"{v.rbd_luns[0]}.path", str(e))
+    return out
 
 
 def _is_device_path(path: Path) -> bool:
@@ -1303,13 +1400,14 @@ def parse_config(text: str, source: str | Path = "<config>", base_dir: Path | No
     server, iscsi, targets = _validate(data, v)
     _validate_discovery(data, v)
     admin, metrics = _validate_operations(data, v, server)
+    ceph = _validate_ceph(data, v)
     gateway = _validate_gateway(data, v, server)
     if v.errors:
         msgs = [m for _, m in sorted(v.errors, key=lambda e: e[0])]
         raise ConfigError("\n".join(msgs), msgs)
     return Config(server=server, iscsi=iscsi, targets=targets, source=Path(source).absolute(),
                   discovery_chap=v.discovery_chap, warnings=tuple(v.warnings) + _readable_warning(v, source),
-                  cache=v.cache, admin=admin, metrics=metrics, gateway=gateway)
+                  cache=v.cache, admin=admin, metrics=metrics, ceph=ceph, gateway=gateway)
 
 
 def load_config(path: str | Path) -> Config:

@@ -5,7 +5,7 @@ they must be identical on every portal and session and unchanged across
 restarts and config reloads.  They are never derived from the image path (a
 moved image would become a new disk) nor from a random number drawn at start.
 
-Two sources, per LUN:
+Three sources, per LUN:
 
 * ``serial`` set in the config: the NAA is *derived* from (target name, LUN id,
   serial).  Several gateways sharing one config therefore present the same
@@ -15,6 +15,9 @@ Two sources, per LUN:
   ``"<iqn>/<lun id>"`` (written atomically).  Later starts read them back.
   Deleting that file (or adding ``serial`` to a LUN later) gives the disk a
   new identity -- initiators then see a different disk.
+* an RBD image (``path = "rbd:pool/image"``) without ``serial``: derived from
+  the Ceph cluster fsid, pool id and image id (:func:`derive_shared_image_identity`),
+  so every gateway exporting the image presents the same disk; nothing stored.
 
 The stored file is the authority: stored serial/NAA are used as stored, so a
 future change of the derivation cannot change existing disks.
@@ -44,6 +47,7 @@ __all__ = [
     "atomic_write_bytes",
     "derive_from_seed",
     "derive_naa",
+    "derive_shared_image_identity",
     "load_or_create_identity",
     "naa6",
 ]
@@ -97,6 +101,16 @@ def derive_from_seed(seed: bytes) -> LuIdentityRecord:
         raise ValueError("seed must be 16 bytes")
     d = hashlib.sha256(b"pyiscsi-target identity v1\0" + seed).digest()
     return LuIdentityRecord(serial=d[16:26].hex().upper(), naa=_naa_from_digest(d))
+
+
+def derive_shared_image_identity(cluster_fsid: str, pool_id: int, image_id: str) -> LuIdentityRecord:
+    """Serial and NAA-6 of a LUN on a shared image (Ceph RBD), from what every
+    gateway reads from the cluster itself: the cluster fsid, the pool id and
+    the image id (ids, not names: a renamed pool or image stays the same
+    disk).  Every gateway exporting the image thus presents one identity
+    with no shared state_dir; nothing is stored."""
+    key = f"pyiscsi-target rbd identity v1\0{cluster_fsid.lower()}\0{pool_id}\0{image_id}".encode()
+    return derive_from_seed(hashlib.sha256(key).digest()[:16])
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:

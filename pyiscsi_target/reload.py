@@ -70,6 +70,7 @@ class _Plan:
     remove_luns: dict[str, list[int]] = field(default_factory=dict)
     grow: list[tuple[str, LunConfig]] = field(default_factory=list)
     retune: list[tuple[str, LunConfig]] = field(default_factory=list)      # rotation_rate
+    refresh: list[tuple[str, int]] = field(default_factory=list)           # RBD LUNs: re-read the image size
     access: list[TargetConfig] = field(default_factory=list)               # alias/CHAP/ACL/masking changed
     warnings: list[str] = field(default_factory=list)
 
@@ -120,7 +121,7 @@ class Reloader:
             if getattr(old.server, name, None) != getattr(new.server, name, None):
                 p.warnings.append(f"[server] {name} changed: takes effect at the next restart")
         for name, label in (("cache", "[cache]"), ("admin", "[admin]"), ("metrics", "[metrics]"),
-                            ("gateway", "[gateway]")):
+                            ("gateway", "[gateway]"), ("ceph", "[ceph]")):
             if getattr(old, name, None) != getattr(new, name, None):
                 p.warnings.append(f"{label} changed: takes effect at the next restart")
         old_t = {t.iqn: t for t in old.targets}
@@ -154,7 +155,10 @@ class Reloader:
                         p.warnings.append(f"target {iqn} LUN {i}: {f} changed: takes effect at the next restart "
                                           "(or remove the LUN, reload, add it back)")
                 cur = dev.luns[i].backend.size
-                if lc.size is not None and lc.size > cur:
+                if lc.is_rbd and lc.size is not None and lc.size != o.size:
+                    p.warnings.append(f"target {iqn} LUN {i}: size changed: an RBD image is not resized from the "
+                                      "config (`rbd resize` it, then reload every gateway)")
+                elif lc.size is not None and lc.size > cur:
                     why = _cannot_grow(dev.luns[i].backend)
                     if why:
                         errors.append(f"{new.source}: target {iqn} LUN {i}: size: cannot grow live: {why}")
@@ -166,6 +170,13 @@ class Reloader:
                 p.remove_luns[iqn] = sorted(gone)
             if added:
                 p.add_luns[iqn] = sorted(added, key=lambda x: x.id)
+        # Shared images change size outside the config (`rbd resize`, maybe
+        # from another gateway): every reload re-reads them, edited or not.
+        for iqn, nt in new_t.items():
+            if iqn in old_t:
+                ol = {lc.id: lc for lc in old_t[iqn].luns}
+                p.refresh += [(iqn, lc.id) for lc in nt.luns
+                              if lc.is_rbd and lc.id in ol and ol[lc.id].path == lc.path]
         return p, errors
 
     # -- apply ---------------------------------------------------------------------
@@ -304,6 +315,23 @@ class Reloader:
         for iqn, lc in p.retune:
             server.devices[iqn].luns[lc.id].rotation_rate = lc.rotation_rate
             applied.append(f"target {iqn}: LUN {lc.id} rotation_rate = {lc.rotation_rate}")
+        for iqn, lun_id in p.refresh:
+            lu = server.devices[iqn].luns.get(lun_id)
+            inner = _file_backend(lu.backend) if lu is not None else None
+            if inner is None or not hasattr(inner, "refresh_size"):
+                continue
+            before = inner.size
+            try:
+                after = await asyncio.to_thread(inner.refresh_size)
+            except OSError as e:
+                log.warning("reload: target %s LUN %d: cannot re-read the image size: %s", iqn, lun_id, e)
+                continue
+            if after != before:
+                if lu.backend is not inner:
+                    lu.backend.size = after
+                lu.unit_attentions.establish_all(Reason.CAPACITY_DATA_HAS_CHANGED)
+                applied.append(f"target {iqn}: LUN {lun_id} image {'grew' if after > before else 'shrank'} from "
+                               f"{format_size(before)} to {format_size(after)}")
 
         # Targets removed: no new logins first, then close its connections,
         # then flush and close its images.
@@ -322,7 +350,7 @@ class Reloader:
             new,
             server=_keep(new.server, old.server, ("listen", "state_dir", "max_connections_total",
                                                   "max_connections_per_address", "login_failure_delay")),
-            cache=old.cache, admin=old.admin, metrics=old.metrics, gateway=old.gateway)
+            cache=old.cache, admin=old.admin, metrics=old.metrics, gateway=old.gateway, ceph=old.ceph)
         from .logs import add_secrets, secrets_of
 
         add_secrets(secrets_of(new))  # new CHAP secrets are redacted from the log too

@@ -129,16 +129,17 @@ def _acquire(settings: CephSettings) -> _Connection:
 
 
 def _release(settings: CephSettings) -> None:
-    """One image fewer; the last one closes the connection (blocking)."""
+    """One image fewer.  After the last one the connection is dropped here but
+    not shut down explicitly: others may still hold it (the shared
+    reservation records' watches); librados shuts it down when the last
+    reference goes (``Rados.__dealloc__``), after their watches."""
     with _conn_lock:
         c = _connections.get(settings)
         if c is None:
             return
         c.users -= 1
-        if c.users > 0:
-            return
-        del _connections[settings]
-    c.rados.shutdown()
+        if c.users <= 0:
+            del _connections[settings]
 
 
 # ---------------------------------------------------------------------------
