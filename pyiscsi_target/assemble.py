@@ -138,13 +138,14 @@ def port_groups(config: Config):
     """``[gateway]`` as the SCSI core's ALUA view: one target port group per
     gateway (this one and every peer), each holding one target port whose
     relative port id is the group id -- the same number the fabric uses as
-    TPGT and relative port id for this gateway's sessions."""
+    TPGT and relative port id for this gateway's sessions.  Ordered by id, so
+    every gateway of the LU reports the very same REPORT TARGET PORT GROUPS
+    data."""
     from .scsi.alua import AccessState, PortGroup, TargetPortGroups
 
     gw = config.gateway
-    own = PortGroup(gw.port_group, AccessState.from_label(gw.state), (gw.port_group,))
-    peers = [PortGroup(p.port_group, AccessState.from_label(p.state), (p.port_group,)) for p in gw.peers]
-    return TargetPortGroups((own, *sorted(peers, key=lambda g: g.id)))
+    groups = [PortGroup(g.port_group, AccessState.from_label(g.state), (g.port_group,)) for g in (gw, *gw.peers)]
+    return TargetPortGroups(tuple(sorted(groups, key=lambda g: g.id)))
 
 
 async def load_pr(config: Config, iqn: str, lun: LunConfig):

@@ -46,6 +46,8 @@ def lib():
             "iscsi_persistent_reserve_in_sync": (P, [P, I, I, ctypes.c_uint16]),
             "iscsi_persistent_reserve_out_sync": (P, [P, I, I, I, I, P]),
             "scsi_task_get_status": (I, [P, P]),
+            "scsi_create_task": (P, [I, P, I, I]),
+            "iscsi_scsi_command_sync": (P, [P, I, P, P]),
             "scsi_datain_unmarshall": (P, [P]),
             "scsi_free_scsi_task": (None, [P]),
         }
@@ -62,6 +64,25 @@ class _ProutBasic(ctypes.Structure):
                 ("spec_i_pt", ctypes.c_uint8), ("all_tg_pt", ctypes.c_uint8), ("aptpl", ctypes.c_uint8)]
 
 
+class _ScsiTaskHead(ctypes.Structure):
+    # The leading members of struct scsi_task (scsi-lowlevel.h, libiscsi 1.19)
+    # up to datain: what a raw command's Data-In needs.
+    class _Sense(ctypes.Structure):
+        # GCC packs the three 1-bit "unsigned" fields into one byte and
+        # bit_pointer into the next (sizeof 16); ctypes would give the
+        # bitfields a whole c_uint, so they are declared on a byte here.
+        _fields_ = [("error_type", ctypes.c_ubyte), ("key", ctypes.c_int), ("ascq", ctypes.c_int),
+                    ("sense_specific", ctypes.c_ubyte, 1), ("ill_param_in_cdb", ctypes.c_ubyte, 1),
+                    ("bit_pointer_valid", ctypes.c_ubyte, 1), ("bit_pointer", ctypes.c_ubyte),
+                    ("field_pointer", ctypes.c_uint16)]
+
+    _fields_ = [("status", ctypes.c_int), ("cdb_size", ctypes.c_int), ("xfer_dir", ctypes.c_int),
+                ("expxferlen", ctypes.c_int), ("cdb", ctypes.c_ubyte * 16), ("residual_status", ctypes.c_int),
+                ("residual", ctypes.c_size_t), ("sense", _Sense),
+                ("datain_size", ctypes.c_int), ("datain_data", ctypes.POINTER(ctypes.c_ubyte))]
+
+
+SCSI_XFER_NONE, SCSI_XFER_READ = 0, 1
 GOOD, CHECK_CONDITION, RESERVATION_CONFLICT = 0x00, 0x02, 0x18
 
 
@@ -131,6 +152,24 @@ class LibIscsi:
         if status > 0xFF:  # SCSI_STATUS_ERROR / CANCELLED / TIMEOUT: no SCSI status, transport gone
             raise LibIscsiError(f"transport error (libiscsi status {status:#x})")
         return Reply(status, (key, asc_ascq >> 8, asc_ascq & 0xFF) if status == CHECK_CONDITION else (0, 0, 0), data)
+
+    def command_in(self, cdb: bytes, length: int) -> Reply:
+        """Any CDB libiscsi has no function for, as a raw SCSI command reading
+        up to ``length`` bytes (0: no data): ``data`` is the Data-In received."""
+        L = lib()
+        raw = (ctypes.c_ubyte * len(cdb)).from_buffer_copy(cdb)
+        task = L.scsi_create_task(len(cdb), raw, SCSI_XFER_READ if length else SCSI_XFER_NONE, length)
+        if not task:
+            raise LibIscsiError("scsi_create_task failed")
+        if not L.iscsi_scsi_command_sync(self.ctx, self.lun, task, None):
+            L.scsi_free_scsi_task(task)
+            raise LibIscsiError(f"command failed: {L.iscsi_get_error(self.ctx)!r}")
+
+        def parse(t):
+            head = _ScsiTaskHead.from_address(t)
+            return ctypes.string_at(head.datain_data, head.datain_size) if head.datain_size > 0 else b""
+
+        return self._finish(task, parse)
 
     def tur(self) -> Reply:
         return self._finish(lib().iscsi_testunitready_sync(self.ctx, self.lun))
