@@ -446,7 +446,14 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _stop_signal(signum, frame):  # pragma: no cover - manual use
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use
+    # Explicit handlers: a background job starts with SIGINT ignored.
+    signal.signal(signal.SIGINT, _stop_signal)
+    signal.signal(signal.SIGTERM, _stop_signal)
     with CephCluster() as c:
         print(f"cluster up in {c.startup_seconds:.2f} s: CEPH_CONF={c.conf} CEPH_KEYRING={c.keyring} "
               f"client={c.client_name} pool={c.pool} fsid={c.fsid}", flush=True)
