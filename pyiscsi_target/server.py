@@ -130,8 +130,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self._pump()
         finally:
             self._in_receive = False
-        # Everything this chunk of input produced (R2Ts, NOP-Ins, ...) is
-        # already one batch: send it now rather than a loop iteration later.
+        # Everything this chunk of input produced (R2Ts, NOP-Ins, responses
+        # of the commands that finished inline, ...) is one batch: send it
+        # now rather than a loop iteration later.
+        out = self.conn.take_output()
+        if out:
+            self._wq += out
         if self._wq:
             self._flush()
 
@@ -231,7 +235,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def _start(self, a: Execute) -> None:
         owed = _owed(a)
         self._read_bytes += owed
-        t = a.device.submit(a.task, partial(self._scsi_done, a.itt, owed))
+        t = a.device.submit(a.task, partial(self._scsi_done, a.itt, owed), self.loop)
         if not t.done():
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
@@ -266,6 +270,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.conn.scsi_done(itt, result)
         if self._held:
             self._start_held()
+        if self._in_receive and not self._held:
+            # Answered inside the _pump of _after_input, which collects the
+            # output once for the whole chunk: no _pump per command.  (A
+            # command's completion adds output only, no actions.)
+            return
         self._pump()
         if not self._in_receive and len(self.tasks) <= 1 and self._wq:
             # Nothing else in flight (this command's task is still counted):

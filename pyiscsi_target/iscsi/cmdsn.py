@@ -53,6 +53,13 @@ class CmdWindow:
         the command waits behind a gap), or None if it must be ignored
         (outside the window or a duplicate).
         """
+        if cmdsn == self.exp_cmdsn and item is not None and not self._held \
+                and ((self.max_cmdsn - cmdsn) & MASK) < HALF:
+            # The next command in order, inside the window, nothing held: the
+            # usual case, delivered as the general code below would.
+            self.exp_cmdsn = (cmdsn + 1) & MASK
+            self.outstanding += 1
+            return [item]
         if not self.in_window(cmdsn) or cmdsn in self._held:
             return None
         self._held[cmdsn] = item

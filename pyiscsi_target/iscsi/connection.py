@@ -25,7 +25,8 @@ from .discovery import send_targets
 from .framing import HeaderDigestError, PduReader, Received, encode_pdu
 from .login import Login, LoginFailure, LoginStatus, peer_description
 from .pdu import (
-    ALL_ONES, AhsType, decode_ahs, F_ACK, F_CONTINUE, F_FINAL, F_OVERFLOW, F_STATUS, F_UNDERFLOW, DataIn, DataOut,
+    ALL_ONES, IMMEDIATE, AhsType, decode_ahs, F_ACK, F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS,
+    F_UNDERFLOW, F_WRITE, DataIn, DataOut,
     LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, Opcode, PduFormatError,
     R2T, Reject, RejectReason, ScsiCommand, ScsiResponse, SnackRequest, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TextResponse, lun_to_int,
@@ -104,11 +105,22 @@ class Close:
     reason: str
 
 
+# Opcodes as plain ints in frozensets: one hash lookup per PDU, where a tuple
+# of enum members would be built and compared member by member.
+_NOT_IN_DISCOVERY = frozenset(int(o) for o in (Opcode.SCSI_COMMAND, Opcode.TASK_MGMT_REQUEST, Opcode.DATA_OUT,
+                                               Opcode.SNACK_REQUEST))
+_WITHOUT_CMDSN = frozenset((int(Opcode.DATA_OUT), int(Opcode.SNACK_REQUEST)))
+
 _ATTR = {0: TaskAttribute.UNTAGGED, 1: TaskAttribute.SIMPLE, 2: TaskAttribute.ORDERED,
          3: TaskAttribute.HEAD_OF_QUEUE, 4: TaskAttribute.ACA}
 
 
 class IscsiConnection:
+    # scsi_done packs the usual outcomes (GOOD read in one Data-In, GOOD
+    # without data) in one call; False takes the general code for every
+    # command (tests compare both).
+    one_pdu_answers = True
+
     def __init__(self, ctx: PortalContext, local: tuple[str, int], peer: tuple[str, int], now: float = 0.0):
         self.ctx = ctx
         self.local = local
@@ -125,7 +137,9 @@ class IscsiConnection:
         self._out: list = []
         self._actions: list = []
         self.transfers: dict[int, WriteTransfer] = {}   # writes still gathering Data-Out
-        self.running: set[int] = set()                  # ITTs handed to the SCSI core
+        # ITTs handed to the SCSI core → (command PDU, R2Ts sent): one dict
+        # for "in use" and what its response needs, one lookup per command.
+        self.running: dict[int, tuple] = {}
         self._ttt = 0
         self._text: dict[int, list] = {}                # pending multi-PDU text responses by TTT
         self._text_in: bytearray = bytearray()          # initiator text with C bit
@@ -134,7 +148,6 @@ class IscsiConnection:
         self.nop_ttt: int | None = None
         self.nop_deadline = 0.0
         self.logged_out = False
-        self._meta: dict[int, tuple] = {}               # ITT → (command PDU, R2Ts sent)
         self._tmf_pending: dict[int, TaskMgmtRequest] = {}
 
     # -- bytes in / out -------------------------------------------------------
@@ -324,14 +337,11 @@ class IscsiConnection:
             self._protocol_reject(rec.raw_bhs, RejectReason.DATA_DIGEST_ERROR, "data digest error")
             self._consume_cmdsn(pdu)
             return
-        if self.session.discovery and pdu.opcode in (Opcode.SCSI_COMMAND, Opcode.TASK_MGMT_REQUEST,
-                                                      Opcode.DATA_OUT, Opcode.SNACK_REQUEST):
+        op = pdu.opbyte & 0x3F
+        if self.session.discovery and op in _NOT_IN_DISCOVERY:
             self._protocol_reject(rec.raw_bhs, RejectReason.PROTOCOL_ERROR, "not allowed in a discovery session")
             return
-        if pdu.opcode in (Opcode.DATA_OUT, Opcode.SNACK_REQUEST):
-            handler(self, rec)
-            return
-        if pdu.immediate:
+        if op in _WITHOUT_CMDSN or pdu.opbyte & IMMEDIATE:
             handler(self, rec)
             return
         ready = self.session.window.accept(pdu.cmdsn, rec)
@@ -555,29 +565,51 @@ class IscsiConnection:
 
     def _execute(self, pdu: ScsiCommand, lun: int, cdb: bytes, data, r2ts: int = 0) -> None:
         s = self.session
-        task = ScsiTask(s.nexus, lun, bytes(cdb), pdu.itt, _ATTR.get(pdu.attr, TaskAttribute.SIMPLE),
+        task = ScsiTask(s.nexus, lun, bytes(cdb), pdu.itt, _ATTR.get(pdu.flags & 0x07, TaskAttribute.SIMPLE),
                         data, pdu.expected_length)
-        self.running.add(pdu.itt)
-        self._meta[pdu.itt] = (pdu, r2ts)
+        self.running[pdu.itt] = (pdu, r2ts)
         self._actions.append(Execute(pdu.itt, s.target.device, task))
 
 
     def scsi_done(self, itt: int, result: ScsiResult) -> None:
         """The SCSI core finished ITT: Data-In and/or SCSI Response (§11.4, §11.7)."""
-        if itt not in self.running:
+        meta = self.running.pop(itt, None)
+        if meta is None:
             return
-        self.running.discard(itt)
-        pdu, r2ts = self._meta.pop(itt)
         if self.phase is Phase.CLOSED:
             return
+        pdu, r2ts = meta
         s = self.session
-        if not pdu.immediate:
-            s.window.done()
-        exp, mx = self._window()
+        w = s.window
+        if not pdu.opbyte & IMMEDIATE:
+            w.done()
+        exp, mx = w.exp_cmdsn, w.max_cmdsn
         expected = pdu.expected_length
+        data = result.data_in
+        if result.status == Status.GOOD and not result.sense and not (self.header_digest or self.data_digest) \
+                and self.one_pdu_answers:
+            # The usual outcomes, each one PDU packed in one call; the general
+            # code below gives the same bytes for them.
+            rw = pdu.flags & (F_READ | F_WRITE)
+            if rw == F_READ:
+                n = len(data)
+                if n == expected and 0 < n <= self.max_send_data and n <= s.params.max_burst_length \
+                        and not n & 3:
+                    # All the data in one Data-In with the status (S bit), no residual.
+                    sn = self.statsn
+                    self.statsn = (sn + 1) & 0xFFFFFFFF
+                    self._out += (_PACK_DATA_IN(Opcode.DATA_IN, F_FINAL | F_STATUS, 0, n, pdu.lun, itt, ALL_ONES,
+                                                sn, exp, mx, 0, 0, 0), data)
+                    return
+            elif not len(data) and (not rw or (rw == F_WRITE and result.data_out_wanted == expected)):
+                # No data: a SCSI Response without residual.
+                sn = self.statsn
+                self.statsn = (sn + 1) & 0xFFFFFFFF
+                self._out.append(_PACK_SCSI_RESPONSE(Opcode.SCSI_RESPONSE, F_FINAL, 0, 0, 0, itt, 0, sn, exp, mx,
+                                                     r2ts, 0, 0))
+                return
         flags = F_FINAL
         residual = 0
-        data = result.data_in
         if pdu.read:
             n = len(data)
             if n < expected:
@@ -654,9 +686,9 @@ class IscsiConnection:
 
     def task_aborted(self, itt: int) -> None:
         """The SCSI core aborted ITT (TMF or reset): no response is sent for it (§4.2.3)."""
-        if itt in self.running:
-            self.running.discard(itt)
-            pdu, _ = self._meta.pop(itt)
+        meta = self.running.pop(itt, None)
+        if meta is not None:
+            pdu, _ = meta
             if not pdu.immediate and self.session is not None:
                 self.session.window.done()
 

@@ -181,7 +181,7 @@ class PduReader:
         if avail < BHS_LEN:
             return None
         ahs_len = buf[pos + 4] * 4
-        dlen = int.from_bytes(buf[pos + 5:pos + 8], "big")
+        dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]   # no slice object
         hlen = BHS_LEN + ahs_len + (DIGEST_LEN if self.header_digest else 0)
         if avail < hlen:
             return None

@@ -111,7 +111,12 @@ async def read(cmd: Command) -> Reply:
         return None
     # DPO and FUA ask for no cache retention / a medium read: a backend read
     # returns the current data either way, so both are satisfied.
-    return await read_medium(lu, lba, blocks)
+    # read_medium, inlined: one coroutine less on the hottest path.
+    bs = lu.block_size
+    try:
+        return await lu.backend.read(lba * bs, blocks * bs)
+    except OSError:
+        raise ScsiError(Reason.UNRECOVERED_READ_ERROR, information=lba) from None
 
 
 def checked_write_data(cmd: Command, lu, lba: int, blocks: int, len_at: int):
@@ -134,8 +139,11 @@ async def write(cmd: Command) -> Reply:
     fua = cdb[0] >> 5 != 0 and bool(cdb[1] & FUA)  # WRITE(6) has no FUA bit
     gate = lu.write_gate
     if gate.try_shared():
+        # write_medium, inlined: one coroutine less on the hottest path.
         try:
-            await write_medium(lu, lba, data, fua)
+            await lu.backend.write(lba * lu.block_size, data, fua=fua)
+        except OSError:
+            raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
         finally:
             gate.release_shared()
         return None

@@ -143,7 +143,7 @@ class ScsiTargetDevice:
         finally:
             lu.tasks.end(entry)
 
-    def submit(self, task: ScsiTask, done: Callable[[ScsiResult | None], None]):
+    def submit(self, task: ScsiTask, done: Callable[[ScsiResult | None], None], loop=None):
         """Start a command without awaiting it: ``done(result)`` runs when it
         ends, ``done(None)`` when a task management function aborted it.
         Returns an object with ``done()`` (an asyncio.Future, an EagerTask or
@@ -152,8 +152,11 @@ class ScsiTargetDevice:
         The fabric's fast path: one asyncio task per command, where awaiting
         :meth:`execute` from a task of the fabric's own would cost two; none
         at all for a command that does not have to wait (see _submit_inline).
+        ``loop``: the running loop, when the caller has it at hand (asking
+        asyncio costs a getpid system call per command on Python 3.11).
         """
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         lu = self.luns.get(task.lun)
         if lu is not None and self._views:
             lu = self.lu_for(task.nexus, task.lun)     # LUN masking

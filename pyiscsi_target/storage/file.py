@@ -379,7 +379,10 @@ class FileBackend:
         done = 0
         if self._in_memory and length <= INLINE_READ_MAX:
             try:
-                self._read_sync(fd, buf, offset, 0)
+                # One preadv into the new buffer; _read_sync finishes a short read.
+                done = os.preadv(fd, [buf], offset)
+                if done != length:
+                    self._read_sync(fd, buf, offset, done)
             except OSError as e:
                 raise _storage_error(e, "cannot read", self.path) from e
             return buf
