@@ -143,3 +143,31 @@ def test_peer_written_as_a_table_and_bad_portals_type():
     portals = "192.0.2.12:3260"
     """)
     assert any("gateway.peer[0].portals: " in e and "must be a list" in e for e in errs), errs
+
+
+def test_check_config_and_status_show_the_gateway():
+    from pyiscsi_target.admin import _gateway, format_status
+    from pyiscsi_target.cli import summarize
+
+    c = parse(GATEWAY)
+    text = summarize(c)
+    assert "gateway:   gw-a, ALUA port group / TPGT 1 (active/optimized)" in text
+    assert "  peer:    gw-b, port group 2 (active/non-optimized): 192.0.2.12:3260" in text
+    assert "  peer:    gw-c, port group 7 (standby): no portals advertised" in text
+    st = {"version": "x", "pid": 1, "uptime": 1, "config": "gw.toml", "portals": ["127.0.0.1:3260"],
+          "gateway": _gateway(c), "throughput": {"read_bps": 0, "read_iops": 0, "write_bps": 0, "write_iops": 0},
+          "targets": [], "sessions": []}
+    assert ("gateway:    gw-a, port group 1 (active/optimized); peer gw-b: group 2 (active/non-optimized); "
+            "peer gw-c: group 7 (standby)") in format_status(st)
+
+
+def test_reload_of_a_gateway_change_waits_for_a_restart():
+    """Port groups are the identity of every path (TPGT, relative port, ALUA
+    group): changing them under logged-in sessions would break multipath."""
+    import types
+
+    from pyiscsi_target.reload import Reloader
+
+    old, new = parse(GATEWAY), parse(GATEWAY.replace('state = "standby"', 'state = "active/optimized"'))
+    plan, errs = Reloader(types.SimpleNamespace(config=old, devices={})).plan(new)
+    assert not errs and "[gateway] changed: takes effect at the next restart" in plan.warnings
