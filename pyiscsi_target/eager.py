@@ -53,29 +53,6 @@ class EagerTask:
         except BaseException as exc:  # reported to the done callbacks, like a Task
             self._done, self._exc = True, exc
             return
-        self._park(yielded)
-
-    @classmethod
-    def adopt(cls, coro: Coroutine, yielded: Any, loop: asyncio.AbstractEventLoop) -> "EagerTask":
-        """Continue a coroutine whose first step the caller already ran
-        (``coro.send(None)`` returned ``yielded``, the future it waits for)."""
-        self = cls.__new__(cls)
-        self._loop = loop
-        self._coro = coro
-        self._waiter = None
-        self._task = None
-        self._done = False
-        self._result = None
-        self._exc = None
-        self._cancelled = False
-        self._callbacks = []
-        self._must_cancel = False
-        self._park(yielded)
-        return self
-
-    def _park(self, yielded: Any) -> None:
-        """The coroutine suspended on ``yielded``: a Task takes over once it is done."""
-        loop, coro = self._loop, self._coro
         if getattr(yielded, "_asyncio_future_blocking", None):
             yielded._asyncio_future_blocking = False
             self._waiter = yielded

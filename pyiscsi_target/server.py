@@ -192,7 +192,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
                 self.loop.call_soon(self._flush)
         for action in conn.take_actions():
             if type(action) is Execute:
-                if self._held or not self._may_start(action):
+                if not self._read_bytes and not self._held and not self._writing_paused:
+                    self._start(action)     # nothing owed: _may_start's answer, without the call
+                elif self._held or not self._may_start(action):
                     self._held.append(action)
                 else:
                     self._start(action)
@@ -233,7 +235,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         return self._read_bytes == 0 or self._read_bytes + _owed(a) <= READ_BUDGET
 
     def _start(self, a: Execute) -> None:
-        owed = _owed(a)
+        task = a.task
+        owed = 0 if len(task.data_out) else task.expected_length      # _owed(a)
         self._read_bytes += owed
         t = a.device.submit(a.task, partial(self._scsi_done, a.itt, owed), self.loop)
         if not t.done():

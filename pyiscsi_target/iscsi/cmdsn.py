@@ -76,7 +76,10 @@ class CmdWindow:
 
     def done(self, n: int = 1) -> None:
         """A command left the target (answered or aborted): open the window."""
-        self.outstanding = max(0, self.outstanding - n)
-        cand = sn_add(self.exp_cmdsn, self.depth - 1 - self.outstanding - len(self._held))
-        if sn_lt(self.max_cmdsn, cand):
+        # sn_add/sn_lt spelled out: this runs once per command.
+        left = self.outstanding - n
+        self.outstanding = left = left if left > 0 else 0
+        cand = (self.exp_cmdsn + self.depth - 1 - left - len(self._held)) & MASK
+        mx = self.max_cmdsn
+        if mx != cand and ((cand - mx) & MASK) < HALF:
             self.max_cmdsn = cand

@@ -487,7 +487,12 @@ class IscsiConnection:
         lun = lun_to_int(pdu.lun)
         data = rec.data
         expected = pdu.expected_length
-        if data and not pdu.write:
+        write = pdu.flags & F_WRITE
+        if not write and not data:
+            # A read or no-data command, everything checked: the usual case.
+            self._execute(pdu, lun, cdb, data)
+            return
+        if data and not write:
             self._protocol_reject(rec.raw_bhs, RejectReason.PROTOCOL_ERROR, "immediate data without W bit")
             if not pdu.immediate:
                 s.window.done()

@@ -41,7 +41,8 @@ def lba_and_length(cdb: bytes) -> tuple[int, int, int]:
 
 def check_range(lu: LogicalUnit, lba: int, blocks: int) -> None:
     """SBC-3 §4.5: any block past the capacity is LBA OUT OF RANGE."""
-    if lba > lu.num_blocks or lba + blocks > lu.num_blocks:
+    n = lu.num_blocks
+    if lba > n or lba + blocks > n:
         raise ScsiError(Reason.LBA_OUT_OF_RANGE)
 
 
@@ -103,8 +104,8 @@ def first_mismatch(a: bytes | bytearray | memoryview, b: bytes | bytearray | mem
 
 
 async def read(cmd: Command) -> Reply:
-    lu = cmd.unit
-    lba, blocks, len_at = lba_and_length(cmd.cdb)
+    lu = cmd.lu               # cmd.unit without the property (the LUN check ran)
+    lba, blocks, len_at = lba_and_length(cmd.task.cdb)
     check_transfer(lu, blocks, len_at)
     check_range(lu, lba, blocks)
     if blocks == 0:  # not an error (SBC-3 §5.15)
@@ -129,8 +130,8 @@ def checked_write_data(cmd: Command, lu, lba: int, blocks: int, len_at: int):
 
 
 async def write(cmd: Command) -> Reply:
-    lu = cmd.unit
-    cdb = cmd.cdb
+    lu = cmd.lu               # cmd.unit without the property (the LUN check ran)
+    cdb = cmd.task.cdb
     lba, blocks, len_at = lba_and_length(cdb)
     cmd.data_out_wanted = blocks * lu.block_size
     data = checked_write_data(cmd, lu, lba, blocks, len_at)

@@ -64,6 +64,45 @@ class _Completed:
 _COMPLETED = _Completed()
 
 
+def _as_result(reply, cmd: Command) -> ScsiResult:
+    """A handler's reply as a result: data (or nothing) means GOOD."""
+    if type(reply) is ScsiResult or isinstance(reply, ScsiResult):
+        return reply
+    return ScsiResult(Status.GOOD, data_in=reply if reply is not None else b"", data_out_wanted=cmd.data_out_wanted)
+
+
+class _Started:
+    """Awaiting it finishes a coroutine whose first step already ran and
+    yielded ``first`` (what ``await coro`` would do from that point on):
+    values and exceptions (cancellation) are passed through to it."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro, first) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self):
+        coro, out = self.coro, self.first
+        self.coro = self.first = None
+        while True:
+            try:
+                value = yield out
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    out = coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
+
+
 class ScsiTargetDevice:
     """The SCSI target device behind one iSCSI target: its LUs, UA queues, task sets."""
 
@@ -208,31 +247,48 @@ class ScsiTargetDevice:
         the result is the generic path's to the byte."""
         obs = self.observer
         t0 = loop.time() if obs is not None else 0.0
-        coro = self._handle(Command(task, lu, self, spec, None), _INLINE_CHECKS)
+        cmd = Command(task, lu, self, spec, None)
+        # The first step of _handle, unrolled (same checks, same mapping of
+        # errors): no coroutine of our own around the handler's.
         try:
-            waiting_on = coro.send(None)
-        except StopIteration as stop:
-            result = stop.value
-            if obs is not None:
-                obs(task, result, t0)
-            done(result)
-            return _COMPLETED
+            for check in _INLINE_CHECKS:
+                result = check(cmd)
+                if result is not None:
+                    break
+            else:
+                coro = spec.handler(cmd)
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration as stop:
+                    result = _as_result(stop.value, cmd)
+                else:
+                    return self._inline_waits(lu, task, cmd, coro, waiting_on, done, obs, t0, loop)
+        except ScsiError as err:
+            result = ScsiResult(Status.CHECK_CONDITION, sense=err.sense, data_out_wanted=cmd.data_out_wanted)
         except asyncio.CancelledError:
             done(None)
             return _COMPLETED
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # _handle maps every error; this is a bug
-            log.error("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex(), exc_info=exc)
-            done(ScsiResult(Status.CHECK_CONDITION, sense=build_sense(Reason.INTERNAL_TARGET_FAILURE)))
-            return _COMPLETED
-        # It waits (a disk read, the write gate, a flush): register it now, as
-        # begin() would have before it started (runs_at_once: the tag is free
-        # and it waits for nothing), so task management can abort it.
+        except Exception:  # a bug, or a backend failure outside the mapped paths
+            result = self._internal_failure(cmd)
+        if obs is not None:
+            obs(task, result, t0)
+        done(result)
+        return _COMPLETED
+
+    def _inline_waits(self, lu: LogicalUnit, task: ScsiTask, cmd: Command, coro, waiting_on, done, obs,
+                      t0: float, loop):
+        """The inline command waits (a disk read, the write gate, a flush):
+        register it now, as begin() would have before it started
+        (runs_at_once: the tag is free and it waits for nothing), so task
+        management can abort it, and let a task finish it."""
         entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
-        runner = eager.EagerTask.adopt(coro, waiting_on, loop)
+        runner = eager.start(self._handle(cmd, (), _Started(coro, waiting_on)), loop)
         entry.task = runner
-        runner.add_done_callback(partial(self._finished, task, done, obs, t0, lu, entry))
+        finished = partial(self._finished, task, done, obs, t0, lu, entry)
+        if runner.done():
+            finished(runner)
+        else:
+            runner.add_done_callback(finished)
         return runner
 
     def _finished(self, task: ScsiTask, done, obs, t0: float, lu: LogicalUnit | None, entry: TaskEntry | None,
@@ -265,32 +321,37 @@ class ScsiTargetDevice:
         spec, lookup_error = resolve(self.commands, task.cdb)
         return await self._handle(Command(task, lu, self, spec, lookup_error), PRE_DISPATCH)
 
-    async def _handle(self, cmd: Command, checks) -> ScsiResult:
-        """Run ``checks`` (pre-dispatch), then the handler; every error
-        becomes CHECK CONDITION with its sense data."""
+    async def _handle(self, cmd: Command, checks, started=None) -> ScsiResult:
+        """Run ``checks`` (pre-dispatch), then the handler (or finish its
+        ``started`` coroutine); every error becomes CHECK CONDITION with its
+        sense data."""
         try:
-            for check in checks:
-                early = check(cmd)
-                if early is not None:
-                    return early
-            spec = cmd.spec
-            assert spec is not None
-            reply = await spec.handler(cmd)
+            if started is None:
+                for check in checks:
+                    early = check(cmd)
+                    if early is not None:
+                        return early
+                spec = cmd.spec
+                assert spec is not None
+                reply = await spec.handler(cmd)
+            else:
+                reply = await started
         except ScsiError as err:
             return ScsiResult(Status.CHECK_CONDITION, sense=err.sense, data_out_wanted=cmd.data_out_wanted)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug, or a backend failure outside the mapped paths
-            task = cmd.task
-            log.exception("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex())
-            return ScsiResult(
-                Status.CHECK_CONDITION,
-                sense=build_sense(Reason.INTERNAL_TARGET_FAILURE),
-                data_out_wanted=cmd.data_out_wanted,
-            )
-        if type(reply) is ScsiResult or isinstance(reply, ScsiResult):
-            return reply
-        return ScsiResult(Status.GOOD, data_in=reply if reply is not None else b"", data_out_wanted=cmd.data_out_wanted)
+            return self._internal_failure(cmd)
+        return _as_result(reply, cmd)
+
+    def _internal_failure(self, cmd: Command) -> ScsiResult:
+        task = cmd.task
+        log.exception("%s: LUN %d: command %s failed", self.name, task.lun, task.cdb[:1].hex())
+        return ScsiResult(
+            Status.CHECK_CONDITION,
+            sense=build_sense(Reason.INTERNAL_TARGET_FAILURE),
+            data_out_wanted=cmd.data_out_wanted,
+        )
 
     # --- task management (SAM-5 §7) ---------------------------------------------
 
