@@ -70,12 +70,13 @@ async def run(n: int, write: bool) -> float:
         conn.scsi_done(itt, result)
         done += 1
 
+    loop = asyncio.get_running_loop()   # handed to submit, as the server does
     t0 = time.process_time()   # CPU time: steadier than wall time on a shared machine
     for start in range(0, n, QD):
         conn.receive_data(b"".join(pdus[start:start + QD]))
         for a in conn.take_actions():
             if type(a) is Execute:
-                a.device.submit(a.task, lambda r, itt=a.itt: finished(itt, r))
+                a.device.submit(a.task, lambda r, itt=a.itt: finished(itt, r), loop)
         while done < min(n, start + QD):
             await asyncio.sleep(0)
         conn.take_output()

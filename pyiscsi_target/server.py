@@ -112,7 +112,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._arm_timer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.conn.get_buffer(sizehint)
+        # conn.get_buffer's body: called for every read from the socket.
+        return self.conn.reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.buffer_updated(nbytes, self.loop.time())

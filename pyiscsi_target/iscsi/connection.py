@@ -49,6 +49,11 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# Module constants: an Enum member looked up on its class costs more than a
+# global, and _process tests the phase twice per PDU.
+_LOGIN, _CLOSED = Phase.LOGIN, Phase.CLOSED
+
+
 class TmfFunction(enum.IntEnum):
     """§11.5.1."""
 
@@ -188,11 +193,12 @@ class IscsiConnection:
 
     def _process(self, now: float) -> None:
         self.last_rx = now
-        while self.phase is not Phase.CLOSED:
-            if self.phase is Phase.LOGIN and not self._login_header_ok():
+        next_pdu = self.reader.next_pdu
+        while self.phase is not _CLOSED:
+            if self.phase is _LOGIN and not self._login_header_ok():
                 return
             try:
-                rec = self.reader.next_pdu()
+                rec = next_pdu()
             except HeaderDigestError:
                 # §7.8: at ERL 0 a header digest error is a connection failure.
                 log.warning("%s: header digest error, closing connection", self._who())
@@ -203,7 +209,7 @@ class IscsiConnection:
                 continue
             if rec is None:
                 return
-            if self.phase is Phase.LOGIN:
+            if self.phase is _LOGIN:
                 self._login_pdu(rec)
             else:
                 self._ffp_pdu(rec)
