@@ -159,8 +159,57 @@ async def load_pr(config: Config, iqn: str, lun: LunConfig):
         raise AssembleError(f"{config.source}: target {iqn} LUN {lun.id}: persistent reservations: {e}") from e
 
 
-async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
+def shares_reservations(backend) -> bool:
+    """A LU on Ceph is exported by every gateway of the cluster: its
+    reservations must be one state for all of them (issue 10)."""
+    return getattr(backend, "image_id", None) is not None and getattr(backend, "rados", None) is not None
+
+
+async def share_reservations(config: Config, iqn: str, lun: LunConfig, lu, backend, on_fenced=None) -> None:
+    """Keep the LU's reservations in one RADOS object next to its image, shared
+    with every other gateway (scsi/pr_shared.py).  The object is named after
+    the image id, which survives renames, so each gateway finds the same one
+    whatever target name or LUN number it exports the image under."""
+    from .iscsi.session import target_port_name
+    from .scsi.pr import PersistentReservations
+    from .scsi.pr_shared import SharedReservations
+    from .storage.rados_record import RadosRecord
+
+    where = f"{config.source}: target {iqn} LUN {lun.id}"
+    record = RadosRecord(backend.rados, backend.pool, f"pyiscsi.reservations.{backend.image_id}",
+                         on_fenced=on_fenced)
+    # Every state is in RADOS, so PTPL_C=1: nothing is lost when a gateway
+    # (or all of them) restarts, APTPL or not (wsfc-shared-disk.md §0.2).
+    lu.pr = PersistentReservations(durable=True)
+    lu.shared = SharedReservations(lu, record, name=f"{iqn} LUN {lun.id}")
+    own = target_port_name(iqn, config.gateway.port_group).lower()
+    try:
+        await lu.shared.start(own_port=lambda port: port.lower() == own)
+    except Exception as e:
+        await record.close()
+        raise AssembleError(f"{where}: shared reservations in RADOS object "
+                            f"{backend.pool}/pyiscsi.reservations.{backend.image_id}: {e}") from e
+    log.info("target %s LUN %d: reservations shared through RADOS %s/pyiscsi.reservations.%s "
+             "(%d registrations)", iqn, lun.id, backend.pool, backend.image_id, len(lu.pr.state.registrations))
+
+
+async def close_shared(lus) -> None:
+    """Stop following the shared reservation records (before the images and
+    the RADOS connection close)."""
+    for lu in lus:
+        if lu.shared is not None:
+            try:
+                await lu.shared.close()
+            except Exception as e:
+                log.error("LUN %d: closing its shared reservations: %s", lu.lun_id, e)
+            lu.shared = None
+
+
+async def build_devices(config: Config, *, on_fenced=None) -> dict[str, "ScsiTargetDevice"]:
     """Open every LUN and build one SCSI target device per configured target.
+
+    ``on_fenced`` is called if another gateway fences this one (its RADOS
+    client blocklisted: storage/rados_record.py); the server then stops.
 
     Returns ``{iqn: ScsiTargetDevice}`` in config order.  On any failure the
     images already opened are closed again and :class:`AssembleError` (a
@@ -172,6 +221,7 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
     opened: list = []  # FileBackend or CachedBackend (closing it closes the image)
     budget = None  # one [cache] budget shared by every cached LUN
     devices: dict[str, ScsiTargetDevice] = {}
+    shared: list[LogicalUnit] = []  # LUs whose reservations follow a RADOS record
     try:
         for t in config.targets:
             luns: dict[int, LogicalUnit] = {}
@@ -192,12 +242,16 @@ async def build_devices(config: Config) -> dict[str, "ScsiTargetDevice"]:
                         block_size=lc.block_size,
                         read_only=lc.read_only,
                         rotation_rate=lc.rotation_rate,
-                        pr=await load_pr(config, t.iqn, lc),
+                        pr=None if shares_reservations(backend) else await load_pr(config, t.iqn, lc),
                     )
                 except ValueError as e:
                     raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
+                if shares_reservations(backend):
+                    await share_reservations(config, t.iqn, lc, luns[lc.id], backend, on_fenced)
+                    shared.append(luns[lc.id])
             devices[t.iqn] = ScsiTargetDevice(t.iqn, luns, lun_view=lun_view(t), port_groups=port_groups(config))
     except BaseException:
+        await close_shared(shared)
         for b in opened:
             try:
                 await b.close()

@@ -198,7 +198,8 @@ class Reloader:
                 # Added targets get the running [gateway] (ALUA groups, TPGT):
                 # a [gateway] change applies to all targets at the next restart.
                 built = await build_devices(dataclasses.replace(new, targets=tuple(synthetic),
-                                                                gateway=self.server.config.gateway))
+                                                                gateway=self.server.config.gateway),
+                                            on_fenced=getattr(self.server, "on_fenced", None))
             except ConfigError as e:
                 msg = str(e)
                 if "in use" in msg or "locked" in msg:

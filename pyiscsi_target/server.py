@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections import deque
@@ -438,11 +439,21 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
 
     for warning in getattr(config, "warnings", ()):
         log.warning("config: %s", warning)
-    devices = await build_devices(config)
+    stop = stop or asyncio.Event()
+    fenced: list[bool] = []
+
+    def on_fenced() -> None:
+        # Another gateway blocklisted our cluster client (storage/rados_record.py):
+        # every RBD operation now fails, so stop and let the service manager
+        # start a new instance that rejoins.
+        fenced.append(True)
+        stop.set()
+
+    devices = await build_devices(config, on_fenced=on_fenced)
     server = TargetServer(config, devices)
+    server.on_fenced = on_fenced
     # Signal handlers before anything listens: a SIGTERM that arrives as soon
     # as the portal accepts must still flush and exit 0, not kill the process.
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -482,8 +493,15 @@ async def serve(config, *, stop: asyncio.Event | None = None) -> int:
     await ops.close()
     log.info("shutting down: closing sessions and flushing LUNs")
     await server.stop()
+    if fenced:
+        log.critical("stopped: fenced by another gateway (exit status %d)", EXIT_FENCED)
+        return EXIT_FENCED
     log.info("stopped")
     return 0
+
+
+#: Exit status of a gateway fenced by another one (systemd Restart=on-failure restarts it).
+EXIT_FENCED = 3
 
 
 def run(config) -> int:
@@ -491,10 +509,21 @@ def run(config) -> int:
     from .tuning import tune_malloc
 
     tune_malloc()
+    status = None
     if sys.platform != "win32":
         try:
             import uvloop
-            return uvloop.run(serve(config))
         except ImportError:
             pass
-    return asyncio.run(serve(config))
+        else:
+            status = uvloop.run(serve(config))
+    if status is None:
+        status = asyncio.run(serve(config))
+    if status == EXIT_FENCED:
+        # Everything is flushed and closed; skip the interpreter's clean-up:
+        # librados objects of a blocklisted client crash when finalized.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

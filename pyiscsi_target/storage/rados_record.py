@@ -11,15 +11,30 @@ librados specifics that shape it (measured, shared/reference/ceph-test-cluster.m
   object changed since it was read: the compare-and-swap.  The version of a
   read is ``Ioctx.get_last_version()``, which is per I/O context, so each
   record has its own context and a lock around read-then-version.
-* A notify returns once every watcher acknowledged.  The acknowledgement is
+* A notify returns once every watcher acknowledged; the acknowledgement is
   sent when the watch callback returns, so the callback waits for the event
-  loop to finish applying the change: when ``announce`` returns, every live
-  gateway enforces the new state.
-* A dead watcher makes notifies wait the full timeout until its watch
-  expires; a timeout therefore means "some gateway is gone", and RADOS stays
-  the authority (the survivor's state is already written).
+  loop to finish applying the change.  The Python binding does not say *who*
+  failed to acknowledge, so each process watches an inbox object of its own
+  (``<record>.gw.<instance id>``) and the announcer notifies every
+  registered inbox separately: a timeout then names the silent gateway.
+  When ``announce`` returns, every live gateway enforces the new state.
+* A dead watcher makes a notify wait the full timeout until its watch
+  expires; RADOS stays the authority (the new state is already written).
 * Watches can miss notifies across a reconnect; the error callback makes the
   owner re-read (``on_lost``) and re-establishes the watch.
+
+Fencing.  A gateway that does not acknowledge a change in time is either
+dead or cut off -- and a cut-off gateway may still let a preempted node
+write.  So the announcer *blocklists* it (``ceph osd blocklist add`` of that
+client instance, what librbd does to break an exclusive lock): from then on
+the OSDs refuse every operation of that instance and drop its watch.  The
+registry ``<record>.gateways`` (one xattr per process: instance id ->
+address, written before it starts watching) is where the announcer finds
+the inboxes and the address to blocklist.  The fenced process learns it from
+its watch (ESHUTDOWN, how librados reports "blocklisted") and calls
+``on_fenced``: the server stops and exits with status 3; a service manager
+restarts it as a new instance.  Needs the mon capability ``profile rbd``
+(which allows ``osd blocklist``).
 """
 
 from __future__ import annotations
@@ -36,16 +51,22 @@ __all__ = ["RadosRecord"]
 
 #: librados pings watches every 5 s; shorter timeouts were seen to miss notifies.
 WATCH_TIMEOUT_S = 30
-#: How long a change waits for every other gateway to apply it.
-NOTIFY_TIMEOUT_MS = 10_000
-MAX_RECORD = 4 * 1024 * 1024
+#: How long a change waits for every other gateway to apply it before the
+#: silent ones are fenced.  Applying takes milliseconds; 5 s is a stalled
+#: or dead process, and stays well inside initiators' command timeouts.
+NOTIFY_TIMEOUT_MS = 5_000
+#: How long a fenced instance stays blocklisted (it never comes back: a
+#: restarted gateway is a new instance).
+FENCE_SECONDS = 24 * 3600
+MAX_RECORD = 1024 * 1024
 
 
 class RadosRecord:
     """One RADOS object holding a versioned record (see module doc)."""
 
     def __init__(self, cluster, pool: str, name: str, *, namespace: str = "",
-                 notify_timeout_ms: int = NOTIFY_TIMEOUT_MS) -> None:
+                 notify_timeout_ms: int = NOTIFY_TIMEOUT_MS,
+                 on_fenced: Callable[[], None] | None = None) -> None:
         from .ceph_bindings import import_rados_rbd
 
         self._rados, _ = import_rados_rbd()
@@ -61,6 +82,11 @@ class RadosRecord:
         self._on_message: Callable[[bytes], Awaitable[None]] | None = None
         self._on_lost: Callable[[], Awaitable[None]] | None = None
         self._closed = False
+        self.on_fenced = on_fenced
+        self._broken_watches: list = []
+        self.registry = f"{name}.gateways"
+        #: Instances this process fenced (gid -> address), for tests and status.
+        self.fenced: dict[int, str] = {}
 
     def _ctx(self):
         if self._ioctx is None:
@@ -107,31 +133,81 @@ class RadosRecord:
                     raise
             return ioctx.get_last_version()
 
-    def _ensure_exists_blocking(self) -> None:
-        """A watch needs the object: create it empty unless it exists."""
+    def _inbox(self, gid: int) -> str:
+        return f"{self.name}.gw.{gid}"
+
+    def _ensure_exists_blocking(self, obj: str) -> None:
+        """A watch needs its object: create it empty unless it exists."""
         rados = self._rados
         with self._lock:
             ioctx = self._ctx()
             with rados.WriteOpCtx() as op:
                 op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
                 try:
-                    ioctx.operate_write_op(op, self.name)
+                    ioctx.operate_write_op(op, obj)
                 except rados.ObjectExists:
                     pass
 
     def _watch_blocking(self) -> None:
-        self._watch = self._ctx().watch(self.name, self._watch_callback, self._watch_error,
-                                        WATCH_TIMEOUT_S)
+        self._watch = self._ctx().watch(self._inbox(self.cluster.get_instance_id()), self._watch_callback,
+                                        self._watch_error, WATCH_TIMEOUT_S)
 
-    def _notify_blocking(self, message: bytes) -> None:
+    def _register_blocking(self) -> None:
+        """Record this instance's id and address for whoever may have to fence it."""
+        gid = self.cluster.get_instance_id()
+        addrs = self.cluster.get_addrs()
+        with self._lock:
+            self._ctx().set_xattr(self.registry, str(gid), str(addrs).encode())
+
+    def _unregister_blocking(self) -> None:
         rados = self._rados
-        try:
-            # The message is a str in the Python binding: send text (JSON).
-            self._ctx().notify(self.name, message.decode("utf-8"), self.notify_timeout_ms)
-        except rados.TimedOut:
-            log.warning("%s/%s: a gateway did not acknowledge a change within %d ms; the record "
-                        "holds the change and a gateway that lost contact re-reads it",
-                        self.pool, self.name, self.notify_timeout_ms)
+        gid = self.cluster.get_instance_id()
+        with self._lock:
+            for fn, args in ((self._ctx().rm_xattr, (self.registry, str(gid))),
+                             (self._ctx().remove_object, (self._inbox(gid),))):
+                try:
+                    fn(*args)
+                except rados.Error:
+                    pass
+
+    def _peers_blocking(self) -> list[int]:
+        """Instance ids of every other registered process."""
+        me = self.cluster.get_instance_id()
+        rados = self._rados
+        with self._lock:
+            try:
+                return [int(k) for k, _ in self._ctx().get_xattrs(self.registry) if k.isdigit() and int(k) != me]
+            except rados.ObjectNotFound:
+                return []
+
+    def _forget_blocking(self, gid: int) -> None:
+        rados = self._rados
+        with self._lock:
+            try:
+                self._ctx().rm_xattr(self.registry, str(gid))
+            except rados.Error:
+                pass
+
+    def _fence_blocking(self, gid: int) -> str | None:
+        rados = self._rados
+        with self._lock:
+            try:
+                addr = self._ctx().get_xattr(self.registry, str(gid)).decode()
+            except (rados.ObjectNotFound, rados.NoData):
+                return None
+        # get_addrs() gives "[v2:127.0.0.1:0/123,v1:...]" or one address:
+        # blocklist every address of the instance.
+        for one in addr.strip("[]").split(","):
+            one = one.strip()
+            if one:
+                self.cluster.blocklist_add(one.removeprefix("v2:").removeprefix("v1:"), FENCE_SECONDS)
+        self._forget_blocking(gid)
+        with self._lock:
+            try:
+                self._ctx().remove_object(self._inbox(gid))
+            except rados.Error:
+                pass
+        return addr
 
     # --- callbacks from librados threads ---------------------------------------
 
@@ -146,12 +222,24 @@ class RadosRecord:
         except Exception:
             log.exception("%s/%s: applying a change from another gateway failed", self.pool, self.name)
 
-    def _watch_error(self, err) -> None:
+    def _watch_error(self, watch_id, err) -> None:
         loop = self._loop
         if loop is None or self._closed:
             return
+        if abs(int(err)) == errno.ESHUTDOWN:  # librados: this instance is blocklisted
+            loop.call_soon_threadsafe(self._fenced_now)
+            return
         log.warning("%s/%s: watch lost (%s); re-reading the record and watching again", self.pool, self.name, err)
         asyncio.run_coroutine_threadsafe(self._rewatch(), loop)
+
+    def _fenced_now(self) -> None:
+        if self._closed:
+            return
+        log.critical("%s/%s: this gateway was fenced (blocklisted) by another gateway that "
+                     "did not hear from it in time; stopping", self.pool, self.name)
+        self._closed = True
+        if self.on_fenced is not None:
+            self.on_fenced()
 
     async def _rewatch(self) -> None:
         old, self._watch = self._watch, None
@@ -159,12 +247,21 @@ class RadosRecord:
             try:
                 await asyncio.to_thread(old.close)
             except Exception:
-                pass
+                # The binding tries again from its destructor, and a second
+                # unwatch of a broken watch corrupts librados' heap: keep it.
+                self._broken_watches.append(old)
         while not self._closed:
             try:
+                await asyncio.to_thread(self._register_blocking)
+                await asyncio.to_thread(self._ensure_exists_blocking, self._inbox(self.cluster.get_instance_id()))
                 await asyncio.to_thread(self._watch_blocking)
                 break
             except Exception as e:
+                if isinstance(e, self._rados.ConnectionShutdown) or getattr(e, "errno", None) == errno.ESHUTDOWN:
+                    # A blocklisted instance's operations fail this way (the
+                    # watch itself reported only "not connected").
+                    self._fenced_now()
+                    return
                 log.warning("%s/%s: watching again failed (%s); retrying", self.pool, self.name, e)
                 await asyncio.sleep(1)
         if self._on_lost is not None and not self._closed:
@@ -181,13 +278,59 @@ class RadosRecord:
         return await asyncio.to_thread(self._store_blocking, data, version)
 
     async def announce(self, message: bytes) -> None:
-        await asyncio.to_thread(self._notify_blocking, message)
+        """Notify every other registered gateway's inbox at once; fence the
+        ones that do not acknowledge within the timeout."""
+        peers = await asyncio.to_thread(self._peers_blocking)
+        if not peers:
+            return
+        text = message.decode("utf-8")  # a str in the Python binding: send text (JSON)
+        results = await asyncio.gather(*(self._notify_one(gid, text) for gid in peers))
+        for gid, rc in zip(peers, results):
+            if rc == -errno.ENOENT:  # its inbox is gone: it closed without unregistering
+                await asyncio.to_thread(self._forget_blocking, gid)
+            elif rc == -errno.ETIMEDOUT:
+                await self._fence(gid)
+            elif rc != 0:
+                log.error("%s/%s: telling gateway instance %d of a change failed (%d)", self.pool, self.name, gid, rc)
+
+    async def _notify_one(self, gid: int, text: str) -> int:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def oncomplete(completion, rc, acks, timeouts) -> None:  # librados thread
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(rc))
+
+        def start() -> None:
+            with self._lock:
+                self._ctx().aio_notify(self._inbox(gid), oncomplete, text, self.notify_timeout_ms)
+
+        try:
+            await asyncio.to_thread(start)
+        except self._rados.ObjectNotFound:
+            return -errno.ENOENT
+        return int(await done)
+
+    async def _fence(self, gid: int) -> None:
+        try:
+            addr = await asyncio.to_thread(self._fence_blocking, gid)
+        except Exception as e:
+            log.error("%s/%s: gateway instance %d did not acknowledge a change within %d ms and "
+                      "fencing it failed: %s", self.pool, self.name, gid, self.notify_timeout_ms, e)
+            return
+        if addr is not None:
+            self.fenced[gid] = addr
+            log.warning("%s/%s: gateway instance %d at %s did not acknowledge a change within %d ms: "
+                        "fenced (blocklisted) so it cannot act on stale reservations", self.pool,
+                        self.name, gid, addr, self.notify_timeout_ms)
 
     async def listen(self, on_message: Callable[[bytes], Awaitable[None]],
                      on_lost: Callable[[], Awaitable[None]]) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_message, self._on_lost = on_message, on_lost
-        await asyncio.to_thread(self._ensure_exists_blocking)
+        # Registered before watching, watching before the owner reads the
+        # record: a change is either in what it reads or announced to it.
+        await asyncio.to_thread(self._register_blocking)
+        await asyncio.to_thread(self._ensure_exists_blocking, self._inbox(self.cluster.get_instance_id()))
         await asyncio.to_thread(self._watch_blocking)
 
     async def close(self) -> None:
@@ -196,6 +339,7 @@ class RadosRecord:
         if watch is not None:
             try:
                 await asyncio.to_thread(watch.close)
+                await asyncio.to_thread(self._unregister_blocking)
             except Exception as e:  # the cluster may be gone already
                 log.debug("%s/%s: closing the watch: %s", self.pool, self.name, e)
         if self._ioctx is not None:

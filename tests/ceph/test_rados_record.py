@@ -134,3 +134,4 @@ async def test_two_gateways_on_rados_stay_coherent(ceph_cluster, clients, object
     finally:
         await a.device.luns[0].shared.close()
         await b.device.luns[0].shared.close()
+
