@@ -135,3 +135,30 @@ async def test_two_gateways_on_rados_stay_coherent(ceph_cluster, clients, object
         await a.device.luns[0].shared.close()
         await b.device.luns[0].shared.close()
 
+
+
+async def test_preempt_and_abort_through_b_aborts_tasks_on_a_over_rados(ceph_cluster, clients, object_name):
+    from tests.scsi.test_tasks import GatedBackend, _settle
+
+    backend = GatedBackend(BLOCKS * BS)
+    a = await gateway(clients[0], ceph_cluster.pool, object_name, backend, [NODE1_A])
+    b = await gateway(clients[1], ceph_cluster.pool, object_name, backend, [NODE2_B])
+    try:
+        assert_good(await out(a, NODE1_A, 0, sark=KA))
+        assert_good(await out(b, NODE2_B, 0, sark=KB))
+        assert_good(await out(a, NODE1_A, 1, rk=KA, type_=5))
+        slow = asyncio.ensure_future(a.run(bytes((0x28, 0)) + (2000).to_bytes(4, "big") + bytes((0, 0, 1, 0)),
+                                           nexus=NODE1_A))
+        await _settle()
+        assert 2000 in backend.started and not slow.done()
+        assert_good(await out(b, NODE2_B, 5, rk=KB, sark=KA, type_=5))  # PREEMPT AND ABORT
+        # Its status came back only after gateway A aborted node1's task.
+        assert slow.done()
+        with pytest.raises(asyncio.CancelledError):
+            slow.result()
+        assert a.device.luns[0].tasks.select() == []
+        assert_check(await a.run(tur(), nexus=NODE1_A), Reason.REGISTRATIONS_PREEMPTED)
+    finally:
+        backend.gate.set()
+        await a.device.luns[0].shared.close()
+        await b.device.luns[0].shared.close()
