@@ -49,9 +49,11 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-# Module constants: an Enum member looked up on its class costs more than a
-# global, and _process tests the phase twice per PDU.
+# Module constants: an Enum member looked up on its class costs ~0.1 us more
+# than a global (Python 3.11), and these are used for every PDU or command.
 _LOGIN, _CLOSED = Phase.LOGIN, Phase.CLOSED
+_GOOD = Status.GOOD
+_OP_DATA_IN, _OP_SCSI_RESPONSE = int(Opcode.DATA_IN), int(Opcode.SCSI_RESPONSE)
 
 
 class TmfFunction(enum.IntEnum):
@@ -116,6 +118,7 @@ _NOT_IN_DISCOVERY = frozenset(int(o) for o in (Opcode.SCSI_COMMAND, Opcode.TASK_
                                                Opcode.SNACK_REQUEST))
 _WITHOUT_CMDSN = frozenset((int(Opcode.DATA_OUT), int(Opcode.SNACK_REQUEST)))
 
+_SIMPLE = TaskAttribute.SIMPLE
 _ATTR = {0: TaskAttribute.UNTAGGED, 1: TaskAttribute.SIMPLE, 2: TaskAttribute.ORDERED,
          3: TaskAttribute.HEAD_OF_QUEUE, 4: TaskAttribute.ACA}
 
@@ -175,7 +178,7 @@ class IscsiConnection:
 
     def receive_data(self, data, now: float = 0.0) -> None:
         """Bytes from the peer (a copy the caller may reuse afterwards)."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         self.reader.feed(data)
         self._process(now)
@@ -186,7 +189,7 @@ class IscsiConnection:
 
     def buffer_updated(self, nbytes: int, now: float = 0.0) -> None:
         """``nbytes`` were read into the last :meth:`get_buffer`."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         self.reader.buffer_updated(nbytes)
         self._process(now)
@@ -576,7 +579,7 @@ class IscsiConnection:
 
     def _execute(self, pdu: ScsiCommand, lun: int, cdb: bytes, data, r2ts: int = 0) -> None:
         s = self.session
-        task = ScsiTask(s.nexus, lun, bytes(cdb), pdu.itt, _ATTR.get(pdu.flags & 0x07, TaskAttribute.SIMPLE),
+        task = ScsiTask(s.nexus, lun, bytes(cdb), pdu.itt, _ATTR.get(pdu.flags & 0x07, _SIMPLE),
                         data, pdu.expected_length)
         self.running[pdu.itt] = (pdu, r2ts)
         self._actions.append(Execute(pdu.itt, s.target.device, task))
@@ -587,7 +590,7 @@ class IscsiConnection:
         meta = self.running.pop(itt, None)
         if meta is None:
             return
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         pdu, r2ts = meta
         s = self.session
@@ -597,7 +600,7 @@ class IscsiConnection:
         exp, mx = w.exp_cmdsn, w.max_cmdsn
         expected = pdu.expected_length
         data = result.data_in
-        if result.status == Status.GOOD and not result.sense and not (self.header_digest or self.data_digest) \
+        if result.status == _GOOD and not result.sense and not (self.header_digest or self.data_digest) \
                 and self.one_pdu_answers:
             # The usual outcomes, each one PDU packed in one call; the general
             # code below gives the same bytes for them.
@@ -609,14 +612,14 @@ class IscsiConnection:
                     # All the data in one Data-In with the status (S bit), no residual.
                     sn = self.statsn
                     self.statsn = (sn + 1) & 0xFFFFFFFF
-                    self._out += (_PACK_DATA_IN(Opcode.DATA_IN, F_FINAL | F_STATUS, 0, n, pdu.lun, itt, ALL_ONES,
+                    self._out += (_PACK_DATA_IN(_OP_DATA_IN, F_FINAL | F_STATUS, 0, n, pdu.lun, itt, ALL_ONES,
                                                 sn, exp, mx, 0, 0, 0), data)
                     return
             elif not len(data) and (not rw or (rw == F_WRITE and result.data_out_wanted == expected)):
                 # No data: a SCSI Response without residual.
                 sn = self.statsn
                 self.statsn = (sn + 1) & 0xFFFFFFFF
-                self._out.append(_PACK_SCSI_RESPONSE(Opcode.SCSI_RESPONSE, F_FINAL, 0, 0, 0, itt, 0, sn, exp, mx,
+                self._out.append(_PACK_SCSI_RESPONSE(_OP_SCSI_RESPONSE, F_FINAL, 0, 0, 0, itt, 0, sn, exp, mx,
                                                      r2ts, 0, 0))
                 return
         flags = F_FINAL
@@ -771,9 +774,9 @@ class IscsiConnection:
 
     # -- timers (NOP-In keepalive, login timeout) --------------------------------
     def get_timer(self) -> float | None:
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return None
-        if self.phase is Phase.LOGIN:
+        if self.phase is _LOGIN:
             return self.login_deadline
         if self.nop_ttt is not None:
             return self.nop_deadline

@@ -18,6 +18,8 @@ from .command import Nexus, TaskAttribute
 
 __all__ = ["TaskEntry", "TaskSet"]
 
+_ORDERED = TaskAttribute.ORDERED   # a global: cheaper than the Enum attribute, per command
+
 
 @dataclass(slots=True, eq=False)
 class TaskEntry:
@@ -71,7 +73,7 @@ class TaskSet:
         register only if it has to wait (ScsiTargetDevice.submit): nothing
         can look at the set while that step runs, so it is indistinguishable
         from registering first."""
-        return not self._ordered and attribute != TaskAttribute.ORDERED and (nexus, tag) not in self._entries
+        return not self._ordered and attribute != _ORDERED and (nexus, tag) not in self._entries
 
     @staticmethod
     async def wait_turn(entry: TaskEntry) -> None:
