@@ -37,6 +37,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _targets import RESULTS, Target, build_client, cpu_seconds, free_port, start_ours, wait_port  # noqa: E402
 
+from tests.support.gateways import Gateway, rbd_lun, write_gateway_config  # noqa: E402
+
 IQN = "iqn.2026-11.org.example:rbd-bench"
 IMAGE_SIZE = 512 << 20
 WORKLOADS = [
@@ -48,31 +50,10 @@ WORKLOADS = [
 
 
 def start_gateway(work: Path, ceph, image: str, group: int, port: int, peer: tuple[int, int]) -> Target:
-    d = work / f"gw{group}"
-    d.mkdir()
-    cfg = d / "gateway.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "state"
-nop_interval = "0s"
-[ceph]
-conf = "{ceph.conf}"
-client = "{ceph.client}"
-keyring = "{ceph.keyring}"
-[gateway]
-name = "gw{group}"
-port_group = {group}
-  [[gateway.peer]]
-  name = "gw{peer[0]}"
-  port_group = {peer[0]}
-  portals = ["127.0.0.1:{peer[1]}"]
-[[target]]
-iqn = "{IQN}"
-  [[target.lun]]
-  id = 0
-  path = "rbd:{ceph.pool}/{image}"
-""")
+    me, other = Gateway(f"gw{group}", group, port), Gateway(f"gw{peer[0]}", peer[0], peer[1])
+    cfg = write_gateway_config(work / f"gw{group}", IQN, rbd_lun(ceph, image), me=me, peers=(other,), ceph=ceph,
+                               server_extra='nop_interval = "0s"')
+    d = cfg.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])))
     log = open(d / "gateway.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "pyiscsi_target", "serve", str(cfg), "--log-level", "WARNING"],

@@ -28,7 +28,9 @@ import pytest
 from tests.conftest import require
 from tests.e2e.test_pr_cluster import (K1, K2, NODE1, NODE2, REGISTER_IGNORE, RESERVE, WE_RO, good,
                                        two_node_cluster_scenario, windows_validation_replay)
+from tests.e2e.test_pr_iscsi_test_cu import run_pr_suites
 from tests.support.libiscsi_client import RESERVATION_CONFLICT, LibIscsi
+from tests.support.gateways import Gateway, rbd_lun, write_gateway_config
 from tests.support.target import free_port, start_target
 
 EXIT_FENCED = 3  # pyiscsi_target.server.EXIT_FENCED
@@ -36,47 +38,14 @@ EXIT_FENCED = 3  # pyiscsi_target.server.EXIT_FENCED
 IQN = "iqn.2026-11.org.example:ceph-shared"
 
 
-def gateway_config(dirpath: Path, ceph, image: str, me: tuple[str, int, int], peer: tuple[str, int, int]) -> Path:
-    name, group, port = me
-    pname, pgroup, pport = peer
-    dirpath.mkdir(parents=True, exist_ok=True)
-    cfg = dirpath / "gateway.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "state"
-
-[ceph]
-conf = "{ceph.conf}"
-client = "{ceph.client}"
-keyring = "{ceph.keyring}"
-
-[gateway]
-name = "{name}"
-port_group = {group}
-state = "active/optimized"
-
-  [[gateway.peer]]
-  name = "{pname}"
-  port_group = {pgroup}
-  state = "active/optimized"
-  portals = ["127.0.0.1:{pport}"]
-
-[[target]]
-iqn = "{IQN}"
-  [[target.lun]]
-  id = 0
-  path = "rbd:{ceph.pool}/{image}"
-""")
-    return cfg
-
-
 class Gateways:
     def __init__(self, tmp_path: Path, ceph, image: str) -> None:
         self.ceph = ceph
         pa, pb = free_port(), free_port()
-        self.cfg_a = gateway_config(tmp_path / "gw-a", ceph, image, ("gw-a", 1, pa), ("gw-b", 2, pb))
-        self.cfg_b = gateway_config(tmp_path / "gw-b", ceph, image, ("gw-b", 2, pb), ("gw-a", 1, pa))
+        a, b = Gateway("gw-a", 1, pa), Gateway("gw-b", 2, pb)
+        lun = rbd_lun(ceph, image)
+        self.cfg_a = write_gateway_config(tmp_path / "gw-a", IQN, lun, me=a, peers=(b,), ceph=ceph)
+        self.cfg_b = write_gateway_config(tmp_path / "gw-b", IQN, lun, me=b, peers=(a,), ceph=ceph)
         self.a = start_target(self.cfg_a, "127.0.0.1", pa, timeout=60)
         self.b = start_target(self.cfg_b, "127.0.0.1", pb, timeout=60)
         self.expect_gone: list = []  # gateways a test kills or fences
@@ -137,22 +106,7 @@ def test_windows_validation_replay_one_path_through_each_gateway(gateways):
 
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_libiscsi_pr_suites_through_a_gateway(gateways, which):
-    gw = getattr(gateways, which)
-    suites = "SCSI.Prin*,SCSI.Prout*,SCSI.Reserve6*"
-    listed = subprocess.run([require("iscsi-test-cu"), "--list"], capture_output=True, text=True).stdout
-    names = [n for n in listed.split() if re.match(r"SCSI\.(Prin|Prout|Reserve6)\w*\.\w+$", n)]
-    p = subprocess.run([require("iscsi-test-cu"), "--dataloss", "-i", "iqn.2026-11.test:cu-1",
-                        "-I", "iqn.2026-11.test:cu-2", "-t", suites, gw.url(IQN, 0)],
-                       capture_output=True, text=True, errors="replace", timeout=600)
-    out = p.stdout + p.stderr
-    m = re.search(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out, re.M)
-    assert m, out[-3000:]
-    total, ran, passed, failed = map(int, m.groups())
-    skipped = len(re.findall(r"\[SKIPPED\]|not implemented", out))
-    print(f"gateway {which}: iscsi-test-cu PR suites: {passed - skipped} passed, {failed} failed, "
-          f"{skipped} skipped of {total}")
-    assert total == ran == len(names), (total, ran, names)
-    assert failed == 0 and skipped == 0 and passed == total, out[-5000:]
+    run_pr_suites(getattr(gateways, which).url(IQN, 0), label=f"gateway {which}: ")
 
 
 def test_gateway_killed_mid_write_other_carries_on(gateways):

@@ -12,14 +12,13 @@ import itertools
 import pytest
 
 from pyiscsi_target.scsi.command import Status
-from pyiscsi_target.scsi.pr_shared import SharedReservations, decode_record
+from pyiscsi_target.scsi.pr_shared import decode_record
 from pyiscsi_target.scsi.sense import Reason
-from pyiscsi_target.scsi.target import ScsiTargetDevice
 from pyiscsi_target.storage.memory import MemoryBackend
 from pyiscsi_target.storage.rados_record import RadosRecord
-from tests.scsi.conftest import BLOCKS, BS, Harness, assert_check, assert_good, make_lu, tur
+from tests.scsi.conftest import BLOCKS, BS, Harness, assert_check, assert_good, tur
 from tests.scsi.test_pr_dispatch import KA, KB, WRITE10, out
-from tests.scsi.test_pr_shared import NODE1_A, NODE2_B, OUTSIDER_B, IQN
+from tests.scsi.test_pr_shared import NODE1_A, NODE2_B, OUTSIDER_B, gateway_on
 
 _names = itertools.count()
 
@@ -90,17 +89,7 @@ async def test_announce_returns_after_every_listener_handled_it(ceph_cluster, cl
 
 
 async def gateway(r, pool, name, backend, nexuses) -> Harness:
-    lu = make_lu(backend=backend)
-    lu.pr.durable = True
-    dev = ScsiTargetDevice(IQN, {0: lu})
-    lu.shared = SharedReservations(lu, RadosRecord(r, pool, name))
-    await lu.shared.start()
-    for n in nexuses:
-        dev.add_nexus(n)
-    h = Harness(dev)
-    for n in nexuses:
-        await h.drain_ua(n)
-    return h
+    return await gateway_on(RadosRecord(r, pool, name), backend, nexuses)
 
 
 async def test_two_gateways_on_rados_stay_coherent(ceph_cluster, clients, object_name):

@@ -19,50 +19,29 @@ import pytest
 from tests.conftest import require
 from tests.support.initiator import Initiator
 from tests.support.libiscsi_client import CHECK_CONDITION, GOOD, LibIscsi
+from tests.support.gateways import Gateway, write_gateway_config
 from tests.support.target import free_port, start_target
 
 IQN = "iqn.2026-11.org.example:alua"
 STANDBY = (0x02, 0x04, 0x0B)  # NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE
 
 
-def gateway_config(d: Path, me: tuple[str, int, str, int], peer: tuple[str, int, str, int]) -> Path:
-    name, group, state, port = me
-    pname, pgroup, pstate, pport = peer
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "gateway.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "state"
-
-[gateway]
-name = "{name}"
-port_group = {group}
-state = "{state}"
-[[gateway.peer]]
-name = "{pname}"
-port_group = {pgroup}
-state = "{pstate}"
-portals = ["127.0.0.1:{pport}"]
-
-[[target]]
-iqn = "{IQN}"
+LUN = """
   [[target.lun]]
   id = 0
   path = "disk.img"
   size = "16MiB"
   serial = "ALUA-SHARED-0001"
-""")
-    return cfg
+"""
 
 
 class Pair:
     def __init__(self, tmp_path: Path) -> None:
         self.pa, self.pb = free_port(), free_port()
-        a = ("gw-a", 1, "active/optimized", self.pa)
-        b = ("gw-b", 2, "standby", self.pb)
-        self.a = start_target(gateway_config(tmp_path / "gw-a", a, b), "127.0.0.1", self.pa)
-        self.b = start_target(gateway_config(tmp_path / "gw-b", b, a), "127.0.0.1", self.pb)
+        a = Gateway("gw-a", 1, self.pa, "active/optimized")
+        b = Gateway("gw-b", 2, self.pb, "standby")
+        self.a = start_target(write_gateway_config(tmp_path / "gw-a", IQN, LUN, me=a, peers=(b,)), "127.0.0.1", self.pa)
+        self.b = start_target(write_gateway_config(tmp_path / "gw-b", IQN, LUN, me=b, peers=(a,)), "127.0.0.1", self.pb)
 
     def connect(self, gw, name: str = "iqn.2026-11.test:alua") -> LibIscsi:
         c = LibIscsi(gw.portal, IQN, name)

@@ -12,6 +12,7 @@ from tests.conftest import require
 from tests.e2e.ops_support import capacity, cli
 from tests.e2e.test_real_initiators import run
 from tests.support.initiator import Initiator
+from tests.support.gateways import rbd_lun, write_gateway_config
 from tests.support.target import free_port, start_target
 
 MiB = 1 << 20
@@ -20,26 +21,8 @@ CAPACITY_CHANGED = bytes([0x2A, 0x09])
 
 
 def rbd_config(d: Path, cluster, port: int, image: str, *, extra_lun: str = "") -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "target.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "state"
-
-[ceph]
-conf = "{cluster.conf}"
-keyring = "{cluster.keyring}"
-client = "{cluster.client}"
-
-[[target]]
-iqn = "{IQN}"
-  [[target.lun]]
-  id = 0
-  path = "rbd:{cluster.pool}/{image}"
-{extra_lun}
-""")
-    return cfg
+    return write_gateway_config(d, IQN, rbd_lun(cluster, image, extra=extra_lun), port=port, ceph=cluster,
+                                name="target.toml")
 
 
 def qemu_url(port: int, initiator: str) -> str:

@@ -79,10 +79,15 @@ class MemoryRecord:
 
 
 async def gateway(bus: MemoryBus, backend, nexuses, name) -> Harness:
+    return await gateway_on(MemoryRecord(bus), backend, nexuses, name)
+
+
+async def gateway_on(record, backend, nexuses, name="") -> Harness:
+    """One gateway: a device whose LU follows ``record`` (any SharedObject)."""
     lu = make_lu(backend=backend)
     dev = ScsiTargetDevice(IQN, {0: lu})
     lu.pr.durable = True
-    lu.shared = SharedReservations(lu, MemoryRecord(bus), name=name)
+    lu.shared = SharedReservations(lu, record, name=name)
     await lu.shared.start()
     for n in nexuses:
         dev.add_nexus(n)
