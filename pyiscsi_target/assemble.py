@@ -71,7 +71,8 @@ async def open_rbd_lun(config: Config, iqn: str, lun: LunConfig):
 
     where = f"{config.source}: target {iqn} LUN {lun.id}"
     c = config.ceph
-    settings = CephSettings(conf=str(c.conf), client=c.client, keyring=str(c.keyring) if c.keyring else None)
+    settings = CephSettings(conf=str(c.conf), client=c.client, keyring=str(c.keyring) if c.keyring else None,
+                            op_timeout=c.op_timeout)
     try:
         backend = await asyncio.to_thread(open_rbd, str(lun.path), settings, size=lun.size, create=lun.size is not None,
                                           block_size=lun.block_size, read_only=lun.read_only)

@@ -143,6 +143,10 @@ class CephConfig:
     conf: Path = Path("/etc/ceph/ceph.conf")  # absolute
     client: str = "admin"  # the client id: the cephx entity is client.<id>
     keyring: Path | None = None  # None = what ceph.conf says (default /etc/ceph/ceph.client.<id>.keyring)
+    # Seconds a RADOS operation may take before the command fails (0 = wait
+    # forever): with the OSDs unreachable an initiator then gets an error and
+    # moves to another path, instead of a command that never ends.
+    op_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -960,7 +964,7 @@ def _validate_rbd_lun(ll: dict, lp: str, v: _Validator) -> LunConfig | None:
                      serial=serial, rotation_rate=rotation_rate, initiators=initiators, cache="none")
 
 
-_CEPH_KEYS = ("conf", "client", "keyring")
+_CEPH_KEYS = ("conf", "client", "keyring", "op_timeout")
 
 
 def _ceph_client(x: Any) -> str:
@@ -977,7 +981,8 @@ def _validate_ceph(data: dict, v: _Validator) -> CephConfig:
     conf = v.get(c, "conf", "ceph", _path_str, str(d.conf))
     keyring = v.get(c, "keyring", "ceph", _path_str, None)
     out = CephConfig(conf=_resolve(v.base_dir, conf), client=v.get(c, "client", "ceph", _ceph_client, d.client),
-                     keyring=_resolve(v.base_dir, keyring) if keyring is not None else None)
+                     keyring=_resolve(v.base_dir, keyring) if keyring is not None else None,
+                     op_timeout=v.get(c, "op_timeout", "ceph", _duration, d.op_timeout))
     if v.rbd_luns:
         where = "ceph.conf" if "conf" in c else f"{v.rbd_luns[0]}.path"
         if not out.conf.is_file():

@@ -7,6 +7,8 @@ UNRECOVERED READ ERROR for reads, WRITE ERROR for writes and flushes.
 
 from __future__ import annotations
 
+import errno
+
 import struct
 
 from .context import Command, Reply
@@ -71,19 +73,31 @@ def check_writable(lu: LogicalUnit) -> None:
         raise ScsiError(Reason.WRITE_PROTECTED)
 
 
+def medium_failure(e: OSError, reason: Reason, lba: int) -> ScsiError:
+    """The sense for a failed backend operation.  A timeout means the storage
+    behind this port did not answer (an RBD LUN whose OSDs are unreachable
+    from this gateway), not that the medium is bad: NOT READY, ASYMMETRIC
+    ACCESS STATE TRANSITION (SPC-4 §5.16.2.6) makes multipath initiators
+    retry, on another path if they have one, where MEDIUM ERROR would fail
+    the I/O."""
+    if e.errno == errno.ETIMEDOUT:
+        return ScsiError(Reason.LOGICAL_UNIT_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION)
+    return ScsiError(reason, information=lba)
+
+
 async def read_medium(lu: LogicalUnit, lba: int, blocks: int) -> bytes | bytearray | memoryview:
     bs = lu.block_size
     try:
         return await lu.backend.read(lba * bs, blocks * bs)
-    except OSError:
-        raise ScsiError(Reason.UNRECOVERED_READ_ERROR, information=lba) from None
+    except OSError as e:
+        raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None
 
 
 async def write_medium(lu: LogicalUnit, lba: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
     try:
         await lu.backend.write(lba * lu.block_size, data, fua=fua)
-    except OSError:
-        raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
+    except OSError as e:
+        raise medium_failure(e, Reason.WRITE_ERROR, lba) from None
 
 
 def first_mismatch(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int | None:
@@ -116,8 +130,8 @@ async def read(cmd: Command) -> Reply:
     bs = lu.block_size
     try:
         return await lu.backend.read(lba * bs, blocks * bs)
-    except OSError:
-        raise ScsiError(Reason.UNRECOVERED_READ_ERROR, information=lba) from None
+    except OSError as e:
+        raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None
 
 
 def checked_write_data(cmd: Command, lu, lba: int, blocks: int, len_at: int):
@@ -143,8 +157,8 @@ async def write(cmd: Command) -> Reply:
         # write_medium, inlined: one coroutine less on the hottest path.
         try:
             await lu.backend.write(lba * lu.block_size, data, fua=fua)
-        except OSError:
-            raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
+        except OSError as e:
+            raise medium_failure(e, Reason.WRITE_ERROR, lba) from None
         finally:
             gate.release_shared()
         return None
@@ -317,8 +331,8 @@ async def synchronize_cache(cmd: Command) -> Reply:
     bs = lu.block_size
     try:
         await lu.backend.flush(lba * bs, blocks * bs)
-    except OSError:
-        raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
+    except OSError as e:
+        raise medium_failure(e, Reason.WRITE_ERROR, lba) from None
     return None
 
 
@@ -375,8 +389,8 @@ async def write_same(cmd: Command) -> Reply:
                     n = min(per_chunk, blocks - done)
                     await lu.backend.write(offset + done * bs, chunk[: n * bs])
                     done += n
-        except OSError:
-            raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
+        except OSError as e:
+            raise medium_failure(e, Reason.WRITE_ERROR, lba) from None
     return None
 
 
@@ -419,8 +433,8 @@ async def unmap(cmd: Command) -> Reply:
         for lba, blocks in ranges:
             try:
                 await lu.backend.discard(lba * bs, blocks * bs)
-            except OSError:
-                raise ScsiError(Reason.WRITE_ERROR, information=lba) from None
+            except OSError as e:
+                raise medium_failure(e, Reason.WRITE_ERROR, lba) from None
     return None
 
 
@@ -442,8 +456,8 @@ async def get_lba_status(cmd: Command) -> Reply:
     end = lu.num_blocks
     try:
         extents = await lu.backend.allocation(lba * bs, (end - lba) * bs)
-    except OSError:
-        raise ScsiError(Reason.UNRECOVERED_READ_ERROR, information=lba) from None
+    except OSError as e:
+        raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None
     # Mapped block runs (rounded outwards), merged, clipped to [lba, end).
     mapped: list[list[int]] = []
     for offset, length, allocated in extents:

@@ -43,6 +43,7 @@ class Reason(enum.Enum):
     # SPC-4 §5.16.2.4.4: a command other than those the standby state
     # allows, received through a target port group in standby (ALUA).
     LOGICAL_UNIT_NOT_ACCESSIBLE_TARGET_PORT_IN_STANDBY_STATE = (_K.NOT_READY, 0x04, 0x0B)
+    LOGICAL_UNIT_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION = (_K.NOT_READY, 0x04, 0x0A)
     # MEDIUM ERROR: backend failures (SBC-3 §4.11)
     WRITE_ERROR = (_K.MEDIUM_ERROR, 0x0C, 0x00)
     UNRECOVERED_READ_ERROR = (_K.MEDIUM_ERROR, 0x11, 0x00)

@@ -71,6 +71,7 @@ class CephSettings:
     conf: str = "/etc/ceph/ceph.conf"
     client: str = "admin"  # the id: the entity is client.<id>
     keyring: str | None = None
+    op_timeout: float = 30.0  # seconds; 0 = librados' default (wait forever)
 
 
 def parse_rbd_path(path: str) -> tuple[str, str]:
@@ -113,6 +114,11 @@ def _acquire(settings: CephSettings) -> _Connection:
             conf = dict(CLIENT_OPTIONS)
             if settings.keyring:
                 conf["keyring"] = settings.keyring
+            if settings.op_timeout:
+                # An operation the OSDs (or monitors) do not answer fails with
+                # ETIMEDOUT after this long, as tcmu-runner's osd_op_timeout:
+                # the initiator gets an error and fails over to another path.
+                conf["rados_osd_op_timeout"] = conf["rados_mon_op_timeout"] = str(int(max(1, settings.op_timeout)))
             name = f"client.{settings.client}"
             if not Path(settings.conf).is_file():
                 raise StorageError(errno.ENOENT, f"Ceph config {settings.conf} does not exist")

@@ -77,3 +77,14 @@ def test_missing_ceph_conf_and_keyring(tmp_path):
 def test_same_image_twice_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="already used"):
         _cfg(tmp_path, '[[target.lun]]\nid = 0\npath = "rbd:rbd/x"\n[[target.lun]]\nid = 1\npath = "rbd:rbd/x"\n')
+
+
+def test_ceph_op_timeout(tmp_path):
+    lun = '[[target.lun]]\nid = 0\npath = "rbd:rbd/disk1"\n'
+    assert _cfg(tmp_path, lun).ceph.op_timeout == 30.0
+    head = HEAD.replace('client = "client.iscsi"', 'client = "client.iscsi"\nop_timeout = "5s"')
+    assert _cfg(tmp_path, lun, head=head).ceph.op_timeout == 5.0
+    bad = HEAD.replace('client = "client.iscsi"', 'client = "client.iscsi"\nop_timeout = "soon"')
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, lun, head=bad)
+    assert "t.toml:7: ceph.op_timeout:" in str(e.value), str(e.value)

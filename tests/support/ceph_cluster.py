@@ -244,6 +244,11 @@ class CephCluster:
 
     # -- helpers for tests ---------------------------------------------------------
 
+    def daemon_pid(self, name: str) -> int:
+        """PID of a daemon this cluster started ("mon" or "osd"), e.g. to
+        SIGSTOP the OSD in a test of what happens when it stops answering."""
+        return self._procs[name].pid
+
     def bindings(self):
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from pyiscsi_target.storage.ceph_bindings import import_rados_rbd
