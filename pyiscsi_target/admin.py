@@ -410,6 +410,9 @@ def snapshot(server, ops: Operations | None = None) -> dict:
                 "naa": lu.identity.naa.hex(),
                 "reserved_by": lu.reserved_by.initiator_port if lu.reserved_by is not None else None,
                 "pr": _pr(lu),
+                # Several gateways: where the reservations are shared, and
+                # which silent gateways this one fenced.
+                "shared_reservations": lu.shared.status() if lu.shared is not None else None,
                 "io": {
                     "read_ops": st.read_ops if st else 0,
                     "write_ops": st.write_ops if st else 0,
@@ -611,6 +614,12 @@ def format_status(st: dict) -> str:
                 out.append(f"         PR: {res}; registered keys: {keys}; generation {pr['generation']}")
             if lun.get("reserved_by"):
                 out.append(f"         SPC-2 RESERVE held by {lun['reserved_by']}")
+            shared = lun.get("shared_reservations")
+            if shared:
+                fenced = ", ".join(f"instance {gid} at {addr}" for gid, addr in sorted(shared["fenced"].items()))
+                out.append(f"         reservations shared in {shared['record']} (version {shared['version']}, "
+                           f"{shared['gateways']} other gateway{'s' if shared['gateways'] != 1 else ''})"
+                           + (f"; fenced: {fenced}" if fenced else ""))
     out.append(f"sessions:   {len(st['sessions'])}")
     for s in st["sessions"]:
         where = f"target {s['target']}" if s["target"] else "discovery"

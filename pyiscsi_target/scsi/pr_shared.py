@@ -78,6 +78,11 @@ class SharedObject(Protocol):
 
     async def close(self) -> None: ...
 
+    def status(self) -> dict:
+        """For ``pyiscsi-target status``: where the record is ("record"), how
+        many other processes listen ("gateways"), whom this one fenced
+        ("fenced": {id: address})."""
+
 
 # --- the record and the change notices -----------------------------------------
 
@@ -207,6 +212,9 @@ class SharedReservations:
         self.lu.pr.state = state
         self.lu.reserved_by = holder
         return True
+
+    def status(self) -> dict:
+        return {"version": self.version, **self.obj.status()}
 
     # changes made here
 

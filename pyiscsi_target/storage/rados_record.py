@@ -87,6 +87,8 @@ class RadosRecord:
         self.registry = f"{name}.gateways"
         #: Instances this process fenced (gid -> address), for tests and status.
         self.fenced: dict[int, str] = {}
+        #: Other registered processes at the last announcement (or start).
+        self.peers_seen = 0
 
     def _ctx(self):
         if self._ioctx is None:
@@ -281,6 +283,7 @@ class RadosRecord:
         """Notify every other registered gateway's inbox at once; fence the
         ones that do not acknowledge within the timeout."""
         peers = await asyncio.to_thread(self._peers_blocking)
+        self.peers_seen = len(peers)
         if not peers:
             return
         text = message.decode("utf-8")  # a str in the Python binding: send text (JSON)
@@ -288,8 +291,10 @@ class RadosRecord:
         for gid, rc in zip(peers, results):
             if rc == -errno.ENOENT:  # its inbox is gone: it closed without unregistering
                 await asyncio.to_thread(self._forget_blocking, gid)
+                self.peers_seen -= 1
             elif rc == -errno.ETIMEDOUT:
                 await self._fence(gid)
+                self.peers_seen -= 1
             elif rc != 0:
                 log.error("%s/%s: telling gateway instance %d of a change failed (%d)", self.pool, self.name, gid, rc)
 
@@ -332,6 +337,11 @@ class RadosRecord:
         await asyncio.to_thread(self._register_blocking)
         await asyncio.to_thread(self._ensure_exists_blocking, self._inbox(self.cluster.get_instance_id()))
         await asyncio.to_thread(self._watch_blocking)
+        self.peers_seen = len(await asyncio.to_thread(self._peers_blocking))
+
+    def status(self) -> dict:
+        return {"record": f"RADOS {self.pool}/{self.name}", "gateways": self.peers_seen,
+                "fenced": {str(gid): addr for gid, addr in self.fenced.items()}}
 
     async def close(self) -> None:
         self._closed = True

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,12 @@ from tests.support.gateways import Gateway, rbd_lun, write_gateway_config
 from tests.support.target import free_port, start_target
 
 EXIT_FENCED = 3  # pyiscsi_target.server.EXIT_FENCED
+
+
+def checkout_env() -> dict[str, str]:
+    """Run this checkout's CLI, whatever an installed copy points at."""
+    repo = str(Path(__file__).resolve().parents[2])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
 
 IQN = "iqn.2026-11.org.example:ceph-shared"
 
@@ -203,6 +210,12 @@ def test_stalled_gateway_is_fenced_and_exits(gateways):
             os.kill(gateways.b.proc.pid, signal.SIGCONT)
         assert gateways.b.proc.wait(60) == EXIT_FENCED, gateways.b.log_text()[-3000:]
         assert "fenced" in gateways.a.log_text() and "fenced" in gateways.b.log_text()
+        # The operator sees it in `status` of the gateway that fenced.
+        st = subprocess.run([sys.executable, "-m", "pyiscsi_target", "status", str(gateways.cfg_a)],
+                            capture_output=True, text=True, timeout=30, env=checkout_env())
+        assert st.returncode == 0, st.stderr
+        assert re.search(r"reservations shared in RADOS rbd/pyiscsi\.reservations\.\w+ \(version \d+, "
+                         r"0 other gateways\); fenced: instance \d+ at 127\.0\.0\.1:", st.stdout), st.stdout
         assert n1.read_reservation()[1:] == (K1, WE_RO)
         good(n1.write16(0, b"\x11" * 512))
         good(n1.prout(RESERVE, rk=K1, type_=WE_RO))  # changes go on without B

@@ -77,6 +77,9 @@ class MemoryRecord:
     async def close(self):
         self.bus.listeners.remove(self)
 
+    def status(self):
+        return {"record": "memory", "gateways": len(self.bus.listeners) - 1, "fenced": {}}
+
 
 async def gateway(bus: MemoryBus, backend, nexuses, name) -> Harness:
     return await gateway_on(MemoryRecord(bus), backend, nexuses, name)
