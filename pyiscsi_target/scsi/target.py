@@ -408,12 +408,17 @@ class ScsiTargetDevice:
         return TmfResponse.COMPLETE
 
     async def target_reset(self, nexus: Nexus, cold: bool) -> TmfResponse:
-        """SAM-5 §7.9 (warm) / iSCSI TARGET COLD RESET: a LU reset of every LU;
-        UA 29/02 (warm) or 29/01 POWER ON OCCURRED (cold) to every nexus, the
+        """SAM-5 §7.9 (warm) / iSCSI TARGET COLD RESET: a LU reset of every LU
+        the issuer can see (LUN masking); UA 29/02 (warm) or 29/01 POWER ON
+        OCCURRED (cold) to every nexus, the
         issuer's included (SAM-5 §6.3.2 hard reset)."""
         reason = Reason.POWER_ON_OCCURRED if cold else Reason.SCSI_BUS_RESET_OCCURRED
         entries: list[TaskEntry] = []
-        for lu in self.luns.values():
+        for lun_id, lu in self.luns.items():
+            # LUN masking: an initiator cannot reset (abort the commands of,
+            # drop the SPC-2 reservation of) a LU it is not allowed to see.
+            if self._views and self.lu_for(nexus, lun_id) is None:
+                continue
             entries += self._reset_lu(lu)
             lu.unit_attentions.establish_all(reason)
         await TaskSet.abort(entries)

@@ -194,3 +194,28 @@ async def test_caller_cancellation_cleans_task_set(gated):
     with pytest.raises(asyncio.CancelledError):
         await t
     assert len(h.device.luns[0].tasks) == 0
+
+
+async def test_target_reset_spares_luns_masked_from_the_issuer():
+    """An initiator that LUN masking hides LUN 1 from cannot reset it: its
+    commands from others keep running and no reset UA is raised there."""
+    backend = GatedBackend(BLOCKS * BS)
+    views = {NEXUS_A: {0}}  # A sees LUN 0 only; B sees both
+    dev = ScsiTargetDevice("t", {0: make_lu(), 1: make_lu(1, backend=backend)},
+                           lun_view=lambda n: views.get(n))
+    for n in (NEXUS_A, NEXUS_B):
+        dev.add_nexus(n)
+    h = Harness(dev)
+    await h.drain_ua(NEXUS_A, 0)
+    for lun in (0, 1):
+        await h.drain_ua(NEXUS_B, lun)
+    slow = asyncio.ensure_future(h.run(cdb10(0x28, 2000, 1), nexus=NEXUS_B, lun=1))
+    await _settle()
+    assert 2000 in backend.started
+    assert await dev.target_reset(NEXUS_A, cold=False) == TmfResponse.COMPLETE
+    await _settle()
+    assert not slow.done()  # B's command on the masked LUN still runs
+    backend.gate.set()
+    assert_good(await slow)
+    assert_good(await h.run(tur(), nexus=NEXUS_B, lun=1))  # no reset UA on LUN 1
+    assert_check(await h.run(tur(), nexus=NEXUS_B, lun=0), Reason.SCSI_BUS_RESET_OCCURRED)
