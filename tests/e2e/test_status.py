@@ -113,3 +113,22 @@ def test_admin_socket_is_private(served):
     sock = served.config.parent / "state" / "admin.sock"
     mode = sock.stat().st_mode
     assert st_.S_ISSOCK(mode) and st_.S_IMODE(mode) == 0o600
+
+
+
+def test_status_into_a_closed_pipe_is_not_an_error(served):
+    """`pyiscsi-target status --json | head`: the reader may leave before
+    the status is written; here it closes its end before the child writes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.e2e.ops_support import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "pyiscsi_target", "status", "--json", str(served.config)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # nobody reads: the first write gets EPIPE
+    err = p.stderr.read().decode(errors="replace")
+    assert p.wait(60) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
