@@ -362,8 +362,18 @@ class FileBackend:
         fut = _get_executor().submit(fn, *args)
         self._pending.add(fut)
         fut.add_done_callback(self._job_done)
+        wrapped = asyncio.wrap_future(fut)
         try:
-            return await asyncio.wrap_future(fut)
+            return await asyncio.shield(wrapped)
+        except asyncio.CancelledError:
+            # An aborted command (ABORT TASK, LUN RESET, PREEMPT AND ABORT)
+            # may end only once it can no longer change the image (SAM-5
+            # §7.2): a job not started yet never runs, one already in a
+            # system call is waited for -- else a preempted cluster node's
+            # write could land after the preemptor was told it is fenced.
+            if not fut.cancel():
+                await asyncio.wait([wrapped])
+            raise
         except StorageError:
             raise
         except OSError as e:

@@ -287,9 +287,16 @@ class RbdBackend:
         except Exception as e:
             self._op_done()
             raise StorageError(errno.EIO, f"{what} {self.path}: {e}") from e
-        # A cancelled command stops waiting; the operation itself finishes
-        # (close() waits for it through _inflight).
-        rv, extra = await asyncio.shield(fut)
+        # librbd cannot recall an operation it started: an aborted command
+        # (ABORT TASK, LUN RESET, PREEMPT AND ABORT) ends only once its
+        # operation has completed (SAM-5 §7.2), so a preempted node's write
+        # never lands after the preemptor was told it is fenced.
+        try:
+            rv, extra = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if not fut.done():
+                await asyncio.wait([fut])
+            raise
         if rv < 0:
             raise StorageError(-rv, f"{what} {self.path}: {errno.errorcode.get(-rv, rv)}")
         return rv, extra

@@ -223,3 +223,23 @@ async def test_read_only(settings, ceph_cluster, image):
         await b.close()
     with pytest.raises(StorageError, match="read-only"):
         await _open("rbd:rbd/never-created", settings, size=MiB, create=True, read_only=True)
+
+
+async def test_cancelled_write_ends_only_after_librbd_completed_it(settings, image, ceph_cluster):
+    """An aborted WRITE must not land after the abort completed (a preempted
+    node's write after PREEMPT AND ABORT): cancelling waits for librbd."""
+    b = await _open(f"rbd:rbd/{image}", settings)
+    try:
+        data = os.urandom(MiB)
+        task = asyncio.ensure_future(b.write(0, data))
+        await asyncio.sleep(0)  # the aio write is issued
+        assert b._inflight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert b._inflight == 0  # completed before the cancelled command ended
+        _, rbd = ceph_cluster.bindings()
+        with ceph_cluster.rados().open_ioctx("rbd") as ioctx, rbd.Image(ioctx, image) as img:
+            assert img.read(0, MiB) == data
+    finally:
+        await b.close()

@@ -448,3 +448,27 @@ async def test_block_device(loopdev):
     await b.discard(4096, 4096)  # not thin: zeros written
     assert await b.read(4096, 4096) == bytes(4096)
     await b.close()
+
+
+async def test_cancelled_write_ends_only_after_it_reached_the_image(img, monkeypatch):
+    """An aborted WRITE (ABORT TASK, PREEMPT AND ABORT) must not change the
+    image after the abort completed: cancelling waits for a pwrite already
+    running in the pool."""
+    img._in_memory = False  # through the pool even when tmp_path is tmpfs
+    real = FileBackend._write_sync
+    started = threading.Event()
+
+    def slow_write(self, fd, mv, offset, fua):
+        started.set()
+        time.sleep(0.3)
+        real(self, fd, mv, offset, fua)
+
+    monkeypatch.setattr(FileBackend, "_write_sync", slow_write)
+    task = asyncio.ensure_future(img.write(0, b"\x42" * 4096))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The write is on the image by the time the cancelled command ended.
+    assert os.pread(img._fd, 4096, 0) == b"\x42" * 4096
