@@ -17,6 +17,7 @@ from collections import deque
 from functools import partial
 
 from .iscsi.connection import Close, Execute, IscsiConnection, SessionStarted, TaskManagement, TmfFunction
+from .payload import PENDING, DeferredPayload
 from .iscsi.acl import AccessList
 from .iscsi.chap import ALGORITHM_NAMES, ChapCredentials
 from .iscsi.limits import ConnectionLimiter
@@ -108,6 +109,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         self.conn = IscsiConnection(self.server.ctx, local, peer, self.loop.time())
         self.conn.protocol = self
+        # For sendfile of zero-copy Data-In payloads (payload.py), where the
+        # platform has it; the transport still owns the socket.
+        sock = transport.get_extra_info("socket")
+        self._sock_fd = sock.fileno() if sock is not None and hasattr(os, "sendfile") else -1
         self.server.protocols.add(self)
         self.server.slow_down(self)                # after refused logins from this source
         self._arm_timer()
@@ -154,6 +159,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self.server.protocols.discard(self)
         self._held.clear()
+        if PENDING:
+            for item in self._wq:  # never to be sent: no longer pending
+                if isinstance(item, DeferredPayload):
+                    item.done()
         if self.conn is not None:
             # Free the receive buffers now, not when the cyclic GC gets to
             # the protocol <-> connection cycle (many short connections).
@@ -218,8 +227,41 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         wq, self._wq = self._wq, []
-        if wq and not self.transport.is_closing():
+        if not wq:
+            return
+        if PENDING:
+            self._flush_deferred(wq)
+        elif not self.transport.is_closing():
             self.transport.writelines(wq)
+
+    def _flush_deferred(self, wq: list) -> None:
+        """Like _flush, with zero-copy payloads (payload.py) in the queue: each
+        goes out by sendfile when nothing is queued ahead of it on the socket
+        (order), the rest of it (socket full) and any other case as bytes."""
+        t = self.transport
+        closing = t.is_closing()
+        batch: list = []
+        for item in wq:
+            if not isinstance(item, DeferredPayload):
+                batch.append(item)
+                continue
+            if closing:
+                item.done()
+                continue
+            if batch:
+                t.writelines(batch)
+                batch = []
+            sent = 0
+            if self._sock_fd >= 0 and not t.get_write_buffer_size():
+                try:
+                    sent = item.send_to(self._sock_fd)
+                except OSError:  # the connection broke: the transport reports it
+                    sent = 0
+            if sent < len(item):
+                t.write(item.materialize(sent))
+            item.done()
+        if batch and not closing:
+            t.writelines(batch)
 
     def _spawn(self, coro) -> None:
         t = self.loop.create_task(coro)

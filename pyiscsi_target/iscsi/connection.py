@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ..payload import DeferredPayload
 from ..scsi.command import ScsiResult, ScsiTask, Status, TaskAttribute
 from . import keys as _keys
 from .cmdsn import sn_add, sn_le
@@ -622,6 +623,9 @@ class IscsiConnection:
                 self._out.append(_PACK_SCSI_RESPONSE(_OP_SCSI_RESPONSE, F_FINAL, 0, 0, 0, itt, 0, sn, exp, mx,
                                                      r2ts, 0, 0))
                 return
+        if isinstance(data, DeferredPayload):
+            # Segmented, digested or with a residual: the general path wants bytes.
+            data = data.materialize()
         flags = F_FINAL
         residual = 0
         if pdu.read:

@@ -40,6 +40,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from ..payload import PENDING, FileRegion, settle_pending
 from .base import StorageError
 from .portable import fdatasync as _fdatasync, pread as _pread, pwrite as _pwrite
 
@@ -115,6 +116,9 @@ _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 
 # Reads up to this size may be served inline from the page cache (RWF_NOWAIT).
 INLINE_READ_MAX = 1 << 20
+#: READs at least this large from an image in memory are sent with sendfile
+#: (payload.FileRegion); smaller ones are cheaper batched in one writev.
+ZERO_COPY_MIN = 64 * 1024
 
 
 def _storage_error(exc: OSError, what: str, path: str) -> StorageError:
@@ -413,6 +417,14 @@ class FileBackend:
         await self._run("cannot read", self._read_sync, fd, buf, offset, done)
         return buf
 
+    async def read_for_transfer(self, offset: int, length: int):
+        """What a READ sends to the initiator: for a large read of an image in
+        memory, a FileRegion the server sends with sendfile (no copy through
+        Python); else the bytes, as :meth:`read`."""
+        if self._in_memory and ZERO_COPY_MIN <= length <= INLINE_READ_MAX:
+            return FileRegion(self._check(offset, length, False), offset, length)
+        return await self.read(offset, length)
+
     def _read_sync(self, fd: int, buf: bytearray, offset: int, done: int) -> None:
         mv = memoryview(buf)
         length = len(buf)
@@ -434,6 +446,8 @@ class FileBackend:
         if mv.ndim != 1 or mv.itemsize != 1:
             mv = mv.cast("B")
         fd = self._check(offset, mv.nbytes, True)
+        if PENDING:
+            settle_pending()  # READs that completed before this write keep their bytes
         if mv.nbytes == 0:
             if fua or not self.write_cache:
                 await self.flush()
@@ -501,6 +515,8 @@ class FileBackend:
 
     async def discard(self, offset: int, length: int) -> None:
         fd = self._check(offset, length, True)
+        if PENDING:
+            settle_pending()
         if length:
             await self._run("cannot discard", self._discard_sync, fd, offset, length)
 
@@ -584,6 +600,8 @@ class FileBackend:
         except OSError as e:
             raise _storage_error(e, "cannot flush", self.path) from e
         finally:
+            if PENDING:
+                settle_pending()  # nothing may read this descriptor after it closes
             fd, self._fd = self._fd, -1
             os.close(fd)
 

@@ -472,3 +472,30 @@ async def test_cancelled_write_ends_only_after_it_reached_the_image(img, monkeyp
         await task
     # The write is on the image by the time the cancelled command ended.
     assert os.pread(img._fd, 4096, 0) == b"\x42" * 4096
+
+
+async def test_zero_copy_read_keeps_its_bytes_across_a_later_write():
+    """read_for_transfer on tmpfs: a FileRegion for large reads (sent with
+    sendfile later), bytes for small ones; a write or close first makes every
+    pending region take its bytes, so it still shows the data of the READ."""
+    import tempfile
+
+    from pyiscsi_target.payload import PENDING, FileRegion
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        b = open_image(os.path.join(d, "z.img"), size=8 * MiB, create=True)
+        try:
+            await b.write(0, b"\x01" * 65536)
+            small = await b.read_for_transfer(0, 4096)
+            assert not isinstance(small, FileRegion) and bytes(small) == b"\x01" * 4096
+            region = await b.read_for_transfer(0, 65536)
+            assert isinstance(region, FileRegion) and len(region) == 65536 and region in PENDING
+            await b.write(0, b"\x02" * 65536)          # after the READ completed
+            assert region.materialize() == b"\x01" * 65536
+            region.done()
+            assert region not in PENDING
+            late = await b.read_for_transfer(65536, 65536)
+        finally:
+            await b.close()
+        assert late.materialize() == bytes(65536)     # settled before the descriptor closed
+        late.done()
