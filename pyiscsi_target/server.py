@@ -81,6 +81,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     the connection's buffers, so a large data segment is copied once, kernel
     to its final buffer (see PduReader.get_buffer)."""
 
+    #: The socket's descriptor for sendfile (connection_made); -1: never.
+    _sock_fd = -1
+
     def __init__(self, server: "TargetServer"):
         self.server = server
         self.loop = asyncio.get_running_loop()

@@ -624,8 +624,10 @@ class IscsiConnection:
                                                      r2ts, 0, 0))
                 return
         if isinstance(data, DeferredPayload):
-            # Segmented, digested or with a residual: the general path wants bytes.
-            data = data.materialize()
+            # Segmented, digested or with a residual: the general path wants
+            # bytes, and the payload is no longer pending once it has them.
+            deferred, data = data, data.materialize()
+            deferred.done()
         flags = F_FINAL
         residual = 0
         if pdu.read:

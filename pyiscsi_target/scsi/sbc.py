@@ -87,10 +87,7 @@ def medium_failure(e: OSError, reason: Reason, lba: int) -> ScsiError:
 
 async def read_medium(lu: LogicalUnit, lba: int, blocks: int) -> bytes | bytearray | memoryview:
     bs = lu.block_size
-    rft = lu.read_for_transfer
     try:
-        if rft is not None:
-            return await rft(lba * bs, blocks * bs)
         return await lu.backend.read(lba * bs, blocks * bs)
     except OSError as e:
         raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None

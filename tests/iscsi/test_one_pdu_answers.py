@@ -54,3 +54,45 @@ def test_same_bytes_as_the_general_code(case, immediate):
     fast = answer(True, flags, expected, data, result, immediate)
     assert fast
     assert fast == answer(False, flags, expected, data, result, immediate)
+
+
+def test_deferred_payload_passes_whole_or_is_materialized_and_released():
+    """A zero-copy payload (payload.py) rides unchanged in the one-Data-In
+    answer; every other answer (here: two Data-In PDUs) takes its bytes and
+    releases it, so nothing stays pending."""
+    from pyiscsi_target.payload import PENDING, DeferredPayload
+
+    class Recording(DeferredPayload):
+        __slots__ = ("raw", "released")
+
+        def __init__(self, raw: bytes) -> None:
+            self.raw, self.released = raw, False
+            PENDING.add(self)
+
+        def __len__(self) -> int:
+            return len(self.raw)
+
+        def materialize(self, start: int = 0) -> bytes:
+            return self.raw[start:]
+
+        def done(self) -> None:
+            self.released = True
+            super().done()
+
+    whole = Recording(bytes(range(256)) * 16)
+    w = logged_in()
+    w.send(ScsiCommand(flags=F_FINAL | F_READ | 1, itt=5, expected_length=4096, cmdsn=1, cdb=READ10.ljust(16, b"\0")))
+    w.drain()
+    w.conn.scsi_done(5, ScsiResult(data_in=whole))
+    out = w.conn.take_output()
+    assert out[-1] is whole and not whole.released  # the server sends it (sendfile) and releases it then
+    whole.done()
+
+    split = Recording(bytes(12288))  # more than MaxRecvDataSegmentLength (8192): two Data-In
+    w = logged_in()
+    w.send(ScsiCommand(flags=F_FINAL | F_READ | 1, itt=5, expected_length=12288, cmdsn=1, cdb=READ10.ljust(16, b"\0")))
+    w.drain()
+    w.conn.scsi_done(5, ScsiResult(data_in=split))
+    out = b"".join(bytes(b) for b in w.conn.take_output())
+    assert split.released and split not in PENDING
+    assert out == answer(True, F_READ, 12288, b"", ScsiResult(data_in=bytes(12288)), False)
