@@ -9,9 +9,11 @@ the ceiling of the copy paths alone, in one run, without any iSCSI: a Python
 thread sending COUNT reads of SIZE bytes from an image on DIR to a loopback
 socket (a reader thread on the other end), with
 
-* ``pread + send``   -- what the target does today (a fresh buffer per read);
-* ``sendfile``       -- the kernel moves page-cache pages to the socket
-  (zero copy on the sending side), what a deferred Data-In payload could use.
+* ``pread + send``   -- the target's path for images on disk (a fresh buffer
+  per read);
+* ``sendfile``       -- the kernel moves page-cache pages to the socket (zero
+  copy on the sending side): the target's path for READs of 64 KiB or more
+  from images in memory (pyiscsi_target/payload.py).
 
 Printed as a table and saved as JSON under benchmarks/results/.
 """
