@@ -178,7 +178,7 @@ class LogicalUnit:
         self.max_compare_write_blocks = 255  # one byte in the CDB (SBC-3 §5.2)
 
         # READ's zero-copy read where the backend has one (storage/file.py
-        # read_for_transfer); None: READ uses backend.read.
+        # read_for_transfer: a payload or None); None: READ uses backend.read.
         self.read_for_transfer = getattr(backend, "read_for_transfer", None)
         self.tasks = TaskSet()
         self.unit_attentions = UnitAttentions()

@@ -131,7 +131,9 @@ async def read(cmd: Command) -> Reply:
     rft = lu.read_for_transfer
     try:
         if rft is not None:
-            return await rft(lba * bs, blocks * bs)
+            region = rft(lba * bs, blocks * bs)  # zero-copy payload (payload.py), or None
+            if region is not None:
+                return region
         return await lu.backend.read(lba * bs, blocks * bs)
     except OSError as e:
         raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None

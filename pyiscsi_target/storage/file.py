@@ -417,13 +417,14 @@ class FileBackend:
         await self._run("cannot read", self._read_sync, fd, buf, offset, done)
         return buf
 
-    async def read_for_transfer(self, offset: int, length: int):
-        """What a READ sends to the initiator: for a large read of an image in
-        memory, a FileRegion the server sends with sendfile (no copy through
-        Python); else the bytes, as :meth:`read`."""
+    def read_for_transfer(self, offset: int, length: int) -> FileRegion | None:
+        """What a READ sends to the initiator, when it need not be read now: for
+        a large read of an image in memory, a FileRegion the server sends with
+        sendfile (no copy through Python).  None: use :meth:`read`.  Not a
+        coroutine, so the usual small READ pays one plain call for asking."""
         if self._in_memory and ZERO_COPY_MIN <= length <= INLINE_READ_MAX:
             return FileRegion(self._check(offset, length, False), offset, length)
-        return await self.read(offset, length)
+        return None
 
     def _read_sync(self, fd: int, buf: bytearray, offset: int, done: int) -> None:
         mv = memoryview(buf)
