@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the target described by a config file",
         description="Load CONFIG, open (and create when missing) every LUN image, listen on the configured "
-        "portals and serve until SIGINT/SIGTERM, which flush every LUN before exit.",
+        "portals and serve until SIGINT/SIGTERM, which flush every LUN before exit.  Exit status: 0 after "
+        "SIGINT/SIGTERM, 1 when a portal or the admin endpoint cannot listen, 2 for a config error, 3 when "
+        "another gateway fenced this one (RBD LUNs; restart it).",
     )
     s.add_argument("config", metavar="CONFIG", help="the TOML config file (see config/example.toml)")
     s.add_argument(
