@@ -172,16 +172,12 @@ async def share_reservations(config: Config, iqn: str, lun: LunConfig, lu, backe
     the image id, which survives renames, so each gateway finds the same one
     whatever target name or LUN number it exports the image under."""
     from .iscsi.session import target_port_name
-    from .scsi.pr import PersistentReservations
     from .scsi.pr_shared import SharedReservations
     from .storage.rados_record import RadosRecord
 
     where = f"{config.source}: target {iqn} LUN {lun.id}"
     record = RadosRecord(backend.rados, backend.pool, f"pyiscsi.reservations.{backend.image_id}",
                          on_fenced=on_fenced)
-    # Every state is in RADOS, so PTPL_C=1: nothing is lost when a gateway
-    # (or all of them) restarts, APTPL or not (wsfc-shared-disk.md §0.2).
-    lu.pr = PersistentReservations(durable=True)
     lu.shared = SharedReservations(lu, record, name=f"{iqn} LUN {lun.id}")
     own = target_port_name(iqn, config.gateway.port_group).lower()
     try:
@@ -192,18 +188,6 @@ async def share_reservations(config: Config, iqn: str, lun: LunConfig, lu, backe
                             f"{backend.pool}/pyiscsi.reservations.{backend.image_id}: {e}") from e
     log.info("target %s LUN %d: reservations shared through RADOS %s/pyiscsi.reservations.%s "
              "(%d registrations)", iqn, lun.id, backend.pool, backend.image_id, len(lu.pr.state.registrations))
-
-
-async def close_shared(lus) -> None:
-    """Stop following the shared reservation records (before the images and
-    the RADOS connection close)."""
-    for lu in lus:
-        if lu.shared is not None:
-            try:
-                await lu.shared.close()
-            except Exception as e:
-                log.error("LUN %d: closing its shared reservations: %s", lu.lun_id, e)
-            lu.shared = None
 
 
 async def build_devices(config: Config, *, on_fenced=None) -> dict[str, "ScsiTargetDevice"]:
@@ -217,6 +201,7 @@ async def build_devices(config: Config, *, on_fenced=None) -> dict[str, "ScsiTar
     :class:`ConfigError`) names the target and LUN.
     """
     from .scsi.lun import LogicalUnit, LuIdentity
+    from .scsi.pr import PersistentReservations
     from .scsi.target import ScsiTargetDevice
 
     opened: list = []  # FileBackend or CachedBackend (closing it closes the image)
@@ -235,6 +220,7 @@ async def build_devices(config: Config, *, on_fenced=None) -> dict[str, "ScsiTar
 
                         budget = CacheBudget(config.cache.size)
                     opened[-1] = backend = await add_cache(config, t.iqn, lc, backend, budget)
+                shared_lu = shares_reservations(backend)
                 try:
                     luns[lc.id] = LogicalUnit(
                         lc.id,
@@ -243,16 +229,21 @@ async def build_devices(config: Config, *, on_fenced=None) -> dict[str, "ScsiTar
                         block_size=lc.block_size,
                         read_only=lc.read_only,
                         rotation_rate=lc.rotation_rate,
-                        pr=None if shares_reservations(backend) else await load_pr(config, t.iqn, lc),
+                        # On Ceph every state lives in RADOS, so PTPL_C=1 and
+                        # nothing is lost when a gateway (or all of them)
+                        # restarts, APTPL or not (wsfc-shared-disk.md §0.2).
+                        pr=PersistentReservations(durable=True) if shared_lu
+                        else await load_pr(config, t.iqn, lc),
                     )
                 except ValueError as e:
                     raise AssembleError(f"{config.source}: target {t.iqn} LUN {lc.id}: {e}") from e
-                if shares_reservations(backend):
+                if shared_lu:
                     await share_reservations(config, t.iqn, lc, luns[lc.id], backend, on_fenced)
                     shared.append(luns[lc.id])
             devices[t.iqn] = ScsiTargetDevice(t.iqn, luns, lun_view=lun_view(t), port_groups=port_groups(config))
     except BaseException:
-        await close_shared(shared)
+        for lu in shared:
+            await lu.stop_sharing()
         for b in opened:
             try:
                 await b.close()

@@ -428,9 +428,7 @@ async def _retire(lu) -> None:
         await lu.backend.flush()
     except Exception:
         log.exception("flushing removed LUN %d", lu.lun_id)
-    from .assemble import close_shared
-
-    await close_shared([lu])
+    await lu.stop_sharing()
     await lu.backend.close()
 
 

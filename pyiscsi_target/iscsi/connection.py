@@ -26,9 +26,9 @@ from .discovery import send_targets
 from .framing import HeaderDigestError, PduReader, Received, encode_pdu
 from .login import Login, LoginFailure, LoginStatus, peer_description
 from .pdu import (
-    ALL_ONES, IMMEDIATE, AhsType, decode_ahs, F_ACK, F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS,
+    ALL_ONES, IMMEDIATE, AhsType, decode_ahs, F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS,
     F_UNDERFLOW, F_WRITE, DataIn, DataOut,
-    LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, Opcode, PduFormatError,
+    LoginRequest, LogoutRequest, LogoutResponse, NopIn, NopOut, Opcode, PduFormatError,
     R2T, Reject, RejectReason, ScsiCommand, ScsiResponse, SnackRequest, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TextResponse, lun_to_int,
 )

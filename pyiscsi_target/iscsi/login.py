@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import keys as _keys
 from .chap import ChapExchange, ChapFailure
 from .discovery import _normalize
-from .pdu import F_CONTINUE, F_TRANSIT, LoginRequest, LoginResponse
+from .pdu import F_TRANSIT, LoginRequest, LoginResponse
 from .session import PortalContext, Session
 
 log = logging.getLogger("pyiscsi_target.login")

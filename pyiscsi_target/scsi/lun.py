@@ -9,6 +9,7 @@ write gate that makes COMPARE AND WRITE atomic against other writes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .tasks import TaskSet
 from .ua import UnitAttentions
 
 __all__ = ["LuIdentity", "LogicalUnit", "WriteGate", "encode_lun", "decode_lun"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,17 @@ class LogicalUnit:
         # Set when several gateways export this LU: the reservation state
         # above is then a copy of a shared record (pr_shared.SharedReservations).
         self.shared: SharedReservations | None = None
+
+    async def stop_sharing(self) -> None:
+        """Stop following the shared reservation record (before the image and
+        the cluster connection under both close).  Errors are logged: closing
+        goes on."""
+        shared, self.shared = self.shared, None
+        if shared is not None:
+            try:
+                await shared.close()
+            except Exception:
+                log.exception("LUN %d: closing its shared reservations failed", self.lun_id)
 
     def release_scsi2(self, only: Nexus | None = None) -> None:
         """Nexus loss (``only`` = that nexus) or a reset (None): release the

@@ -615,7 +615,17 @@ def registration_from_doc(r: dict) -> Registration:
 
 
 def encode(state: PrState) -> bytes:
-    doc = {
+    return json.dumps(state_doc(state), indent=1, sort_keys=True).encode() + b"\n"
+
+
+def decode(data: bytes) -> PrState:
+    """Inverse of :func:`encode`; ValueError for anything malformed."""
+    return state_from_doc(json.loads(data))
+
+
+def state_doc(state: PrState) -> dict:
+    """The state as JSON-able data (the APTPL file, the record gateways share)."""
+    return {
         "format": _FORMAT,
         "generation": state.generation,
         "aptpl": state.aptpl,
@@ -625,13 +635,11 @@ def encode(state: PrState) -> bytes:
             "holder": None if state.res_holder is None else list(state.res_holder),
         },
     }
-    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
 
 
-def decode(data: bytes) -> PrState:
-    """Inverse of :func:`encode`; ValueError for anything malformed."""
+def state_from_doc(doc) -> PrState:
+    """Inverse of :func:`state_doc`; ValueError for anything malformed."""
     try:
-        doc = json.loads(data)
         if doc.get("format") != _FORMAT:
             raise ValueError(f"unknown format {doc.get('format')!r}")
         regs = tuple(registration_from_doc(r) for r in doc["registrations"])

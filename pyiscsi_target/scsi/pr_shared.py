@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import pr
 from .command import Nexus
 from .sense import Reason
+from .tasks import TaskSet
 
 if TYPE_CHECKING:
     from .lun import LogicalUnit
@@ -100,15 +101,14 @@ def _nexus_from_doc(d: list | None) -> Nexus | None:
 
 
 def encode_record(state: pr.PrState, holder: Nexus | None) -> bytes:
-    return json.dumps({"pr": json.loads(pr.encode(state)), "scsi2_holder": _nexus_doc(holder)},
-                      sort_keys=True).encode()
+    return json.dumps({"pr": pr.state_doc(state), "scsi2_holder": _nexus_doc(holder)}, sort_keys=True).encode()
 
 
 def decode_record(data: bytes) -> tuple[pr.PrState, Nexus | None]:
     """ValueError when the record is malformed."""
     try:
         doc = json.loads(data)
-        state = pr.decode(json.dumps(doc["pr"]).encode())
+        state = pr.state_from_doc(doc["pr"])
         holder = _nexus_from_doc(doc["scsi2_holder"])
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"malformed shared reservation record: {e!r}") from None
@@ -151,8 +151,6 @@ async def apply_effects(lu: LogicalUnit, sender: Nexus | None, effects: pr.Effec
     if effects.abort:
         # SPC-4 §5.12.11.5: PREEMPT AND ABORT aborts every task of the
         # preempted I_T nexuses (as CLEAR TASK SET would, TAS=0: no status).
-        from .tasks import TaskSet
-
         victims = effects.abort
         entries = lu.tasks.select(lambda e: e.nexus != sender and any(r.matches(e.nexus) for r in victims))
         await TaskSet.abort(entries)

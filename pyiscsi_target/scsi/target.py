@@ -428,14 +428,7 @@ class ScsiTargetDevice:
         """Flush and close every backend; errors are logged, not raised, so
         one failing image does not keep the others open."""
         for lu in self.luns.values():
-            if lu.shared is not None:
-                # Stop following the shared reservation record before the
-                # image (and the cluster connection under both) closes.
-                try:
-                    await lu.shared.close()
-                except Exception:
-                    log.exception("%s: LUN %d: closing its shared reservations failed", self.name, lu.lun_id)
-                lu.shared = None
+            await lu.stop_sharing()
             try:
                 await lu.backend.flush()
             except Exception:

@@ -202,6 +202,10 @@ class FileBackend:
         self._nowait_read = bool(_RWF_NOWAIT) and _HAVE_PREADV
         self._dsync_write = bool(_RWF_DSYNC) and _HAVE_PWRITEV
         self._in_memory = not block_device and _HAVE_PREADV and _on_memory_fs(self.path)
+        if not self._in_memory:
+            # sendfile could block the loop on a page-cache miss: READs here
+            # always read their bytes (and don't even ask, see LogicalUnit).
+            self.read_for_transfer = None
 
     # -- construction -------------------------------------------------------
 
@@ -421,8 +425,9 @@ class FileBackend:
         """What a READ sends to the initiator, when it need not be read now: for
         a large read of an image in memory, a FileRegion the server sends with
         sendfile (no copy through Python).  None: use :meth:`read`.  Not a
-        coroutine, so the usual small READ pays one plain call for asking."""
-        if self._in_memory and ZERO_COPY_MIN <= length <= INLINE_READ_MAX:
+        coroutine, so the usual small READ pays one plain call for asking;
+        images not in memory have none (set to None in __init__)."""
+        if ZERO_COPY_MIN <= length <= INLINE_READ_MAX:
             return FileRegion(self._check(offset, length, False), offset, length)
         return None
 

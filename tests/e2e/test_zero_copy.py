@@ -18,6 +18,7 @@ import pytest
 from pyiscsi_target.iscsi.framing import encode_pdu
 from pyiscsi_target.iscsi.pdu import F_FINAL, F_READ, F_WRITE, DataIn, ScsiCommand, ScsiResponse, int_to_lun
 from tests.conftest import require
+from tests.support.gateways import write_gateway_config
 from tests.support.initiator import Initiator, default_operational_keys
 from tests.support.target import free_port, start_target
 
@@ -32,18 +33,8 @@ def shm_target(tmp_path):
         pytest.fail("/dev/shm (tmpfs) is missing")
     d = Path(tempfile.mkdtemp(prefix="pyiscsi-zc-", dir=SHM))
     port = free_port()
-    cfg = tmp_path / "target.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "state"
-[[target]]
-iqn = "{IQN}"
-  [[target.lun]]
-  id = 0
-  path = "{d / 'disk.img'}"
-  size = "32MiB"
-""")
+    lun = f'  [[target.lun]]\n  id = 0\n  path = "{d / "disk.img"}"\n  size = "32MiB"\n'
+    cfg = write_gateway_config(tmp_path, IQN, lun, port=port, name="target.toml")
     t = start_target(cfg, "127.0.0.1", port)
     try:
         yield t, d / "disk.img"
