@@ -145,6 +145,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         # now rather than a loop iteration later.
         out = self.conn.take_output()
         if out:
+            if not self._wq and not PENDING:
+                # The whole queue is this batch (_flush, without the call).
+                if not self.transport.is_closing():
+                    self.transport.writelines(out)
+                return
             self._wq += out
         if self._wq:
             self._flush()

@@ -74,6 +74,16 @@ class CmdWindow:
             self.done(0)
         return ready
 
+    def accept_next(self, cmdsn: int) -> bool:
+        """Admit ``cmdsn`` if it is the next command in order, inside the
+        window, with nothing held (then :meth:`accept` would deliver just
+        it); False changes nothing and leaves the case to :meth:`accept`."""
+        if cmdsn == self.exp_cmdsn and not self._held and ((self.max_cmdsn - cmdsn) & MASK) < HALF:
+            self.exp_cmdsn = (cmdsn + 1) & MASK
+            self.outstanding += 1
+            return True
+        return False
+
     def done(self, n: int = 1) -> None:
         """A command left the target (answered or aborted): open the window."""
         # sn_add/sn_lt spelled out: this runs once per command.

@@ -23,7 +23,7 @@ from ..scsi.command import ScsiResult, ScsiTask, Status, TaskAttribute
 from . import keys as _keys
 from .cmdsn import sn_add, sn_le
 from .discovery import send_targets
-from .framing import HeaderDigestError, PduReader, Received, encode_pdu
+from .framing import NEED_MORE, HeaderDigestError, PduReader, Received, encode_pdu
 from .login import Login, LoginFailure, LoginStatus, peer_description
 from .pdu import (
     ALL_ONES, IMMEDIATE, AhsType, decode_ahs, F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS,
@@ -38,6 +38,7 @@ from .task import DataOutError, WriteTransfer
 log = logging.getLogger("pyiscsi_target.connection")
 _PACK_DATA_IN = DataIn._S.pack
 _PACK_SCSI_RESPONSE = ScsiResponse._S.pack
+_UNPACK_SCSI_COMMAND = ScsiCommand._S.unpack
 
 # The largest write a command may announce (Expected Data Transfer Length):
 # twice the largest MAXIMUM TRANSFER LENGTH any LU reports (32 MiB).
@@ -129,6 +130,11 @@ class IscsiConnection:
     # without data) in one call; False takes the general code for every
     # command (tests compare both).
     one_pdu_answers = True
+    # A usual SCSI Command goes from the reader to Execute in one step
+    # (_scsi_command_quick); False: every PDU takes the general path (tests
+    # compare both).
+    quick_commands = True
+    _commands_ok = False        # the quick lane is open: full feature phase, not discovery
 
     def __init__(self, ctx: PortalContext, local: tuple[str, int], peer: tuple[str, int], now: float = 0.0):
         self.ctx = ctx
@@ -198,9 +204,18 @@ class IscsiConnection:
     def _process(self, now: float) -> None:
         self.last_rx = now
         next_pdu = self.reader.next_pdu
+        next_command = self.reader.next_command
         while self.phase is not _CLOSED:
-            if self.phase is _LOGIN and not self._login_header_ok():
-                return
+            if self.phase is _LOGIN:
+                if not self._login_header_ok():
+                    return
+            elif self._commands_ok:
+                cmd = next_command()
+                if cmd is not None:
+                    if cmd is NEED_MORE:
+                        return
+                    self._scsi_command_quick(*cmd)
+                    continue
             try:
                 rec = next_pdu()
             except HeaderDigestError:
@@ -294,6 +309,7 @@ class IscsiConnection:
         self.data_digest = self.reader.data_digest = bool(p.data_digest)
         self.reader.max_data_len = p.target_max_recv_data_segment_length
         self.max_send_data = p.max_recv_data_segment_length
+        self._commands_ok = self.quick_commands and not s.discovery
         for old in result.reinstated:
             if old is not self:
                 old.session_reinstated()
@@ -479,6 +495,36 @@ class IscsiConnection:
             self.close("logout")
 
     # SCSI Command (§11.3)
+    def _scsi_command_quick(self, raw: bytes, data: bytes) -> None:
+        """A SCSI Command PDU as PduReader.next_command gives it.  The usual
+        case goes straight to Execute, in one step: a non-immediate command
+        with the next CmdSN and a free ITT that is a read or carries no data,
+        or a write whose data all came as immediate data (F set, within
+        FirstBurstLength, ImmediateData=Yes).  That is what _ffp_pdu,
+        CmdWindow.accept, _on_scsi_command and _execute do for it; anything
+        else (a gap in CmdSN, an ITT in use, unsolicited Data-Out to come, an
+        error to reject) takes that general path, which decides it."""
+        pdu = ScsiCommand(*_UNPACK_SCSI_COMMAND(raw))
+        flags = pdu.flags
+        itt = pdu.itt
+        expected = pdu.expected_length
+        s = self.session
+        if flags & F_WRITE:
+            p = s.params
+            usual = flags & (F_FINAL | F_READ) == F_FINAL and len(data) == expected and expected \
+                and p.immediate_data and expected <= p.first_burst_length
+        else:
+            usual = not data
+        if usual and not pdu.opbyte & IMMEDIATE and itt not in self.running and itt not in self.transfers \
+                and s.window.accept_next(pdu.cmdsn):
+            first = pdu.lun >> 48      # lun_to_int, spelled out: peripheral or flat addressing
+            lun = first & 0x3FFF if first >> 14 < 2 else 0xFFFF_FFFF
+            self.running[itt] = (pdu, 0)
+            self._actions.append(Execute(itt, s.target.device, ScsiTask(
+                s.nexus, lun, pdu.cdb, itt, _ATTR.get(flags & 0x07, _SIMPLE), data, expected)))
+            return
+        self._ffp_pdu(Received(pdu, raw, b"", data))
+
     def _on_scsi_command(self, rec: Received) -> None:
         pdu: ScsiCommand = rec.bhs
         s = self.session

@@ -25,6 +25,8 @@ COMPACT_ABOVE = 256 * 1024
 _SCRATCH = bytearray(SCRATCH_SIZE)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+#: PduReader.next_command: fewer bytes than a BHS are buffered.
+NEED_MORE = ()
 
 
 class HeaderDigestError(PduFormatError):
@@ -156,6 +158,35 @@ class PduReader:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    def next_command(self) -> tuple[bytes, bytes] | None:
+        """The next PDU, taken here when it is the usual SCSI Command: whole,
+        no AHS, no digests, data (immediate data) within our limit.  Returns
+        (its 48-byte BHS, its data segment) and consumes it; None consumes
+        nothing (:meth:`next_pdu` takes whatever it is); :data:`NEED_MORE`:
+        no whole PDU of any kind is here (next_pdu would say None too).  One
+        call and two copies instead of next_pdu's parsing into a Received:
+        the fabric's quick lane for commands (IscsiConnection._process)."""
+        if self._pending is not None or self._direct is not None or self.header_digest or self.data_digest:
+            return None
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < BHS_LEN:
+            return NEED_MORE
+        if buf[pos] & 0x3F != 0x01 or buf[pos + 4]:    # not a SCSI Command, or TotalAHSLength > 0
+            return None
+        dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
+        total = BHS_LEN + dlen + (-dlen % 4)
+        if avail < total or dlen > self.max_data_len:
+            return None
+        raw = bytes(buf[pos:pos + BHS_LEN])
+        data = bytes(memoryview(buf)[pos + BHS_LEN:pos + BHS_LEN + dlen]) if dlen else b""
+        pos += total
+        if pos == len(buf):
+            buf.clear()
+            pos = 0
+        self._pos = pos
+        return raw, data
 
     def next_pdu(self) -> Received | None:
         """One whole PDU, or None when more bytes are needed.

@@ -183,6 +183,9 @@ class LogicalUnit:
         # READ's zero-copy read where the backend has one (storage/file.py
         # read_for_transfer: a payload or None); None: READ uses backend.read.
         self.read_for_transfer = getattr(backend, "read_for_transfer", None)
+        # The backend's read without waiting (bytes, or None if it must wait);
+        # None: every READ awaits backend.read.
+        self.read_now = getattr(backend, "read_now", None)
         self.tasks = TaskSet()
         self.unit_attentions = UnitAttentions()
         self.write_gate = WriteGate()

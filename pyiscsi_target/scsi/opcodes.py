@@ -67,6 +67,11 @@ class OpSpec:
     supported: Callable[[LogicalUnit], bool] | None = None
     # Command timeouts descriptor (SPC-4 §6.35.4): nominal, recommended, seconds.
     timeout: tuple[int, int] = (0, 30)
+    # The handler's answer without waiting, for the quick lane of
+    # ScsiTargetDevice.submit: quick(lu, cdb) -> the reply as ``handler``
+    # gives it, or None when it would have to wait (then ``handler`` runs).
+    # Only for commands with no side effect before that point (READ).
+    quick: Callable[[LogicalUnit, bytes], object] | None = None
 
     @property
     def cdb_length(self) -> int:
@@ -168,11 +173,11 @@ _SPECS: tuple[OpSpec, ...] = (
            _u("A3 FF 00 00 00 00 FF FF FF FF 00 00"), IN, service_action=0x0A, scsi2_allowed=True,
            pr_conflict=_ANY, standby_ok=True),
     # --- SBC-3 --------------------------------------------------------------
-    OpSpec(0x08, "READ(6)", sbc.read, _u("08 1F FF FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x08, "READ(6)", sbc.read, _u("08 1F FF FF FF 00"), IN, pr_conflict=_RD, quick=sbc.read_now),
     OpSpec(0x0A, "WRITE(6)", sbc.write, _u("0A 1F FF FF FF 00"), OUT, pr_conflict=_WR),
     OpSpec(0x25, "READ CAPACITY(10)", sbc.read_capacity10, _u("25 00 FF FF FF FF 00 00 01 00"), IN,
            scsi2_allowed=True, pr_conflict=_ANY),
-    OpSpec(0x28, "READ(10)", sbc.read, _u("28 1C FF FF FF FF 1F FF FF 00"), IN, pr_conflict=_RD),
+    OpSpec(0x28, "READ(10)", sbc.read, _u("28 1C FF FF FF FF 1F FF FF 00"), IN, pr_conflict=_RD, quick=sbc.read_now),
     OpSpec(0x2A, "WRITE(10)", sbc.write, _u("2A 18 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
     OpSpec(0x2E, "WRITE AND VERIFY(10)", sbc.write_and_verify, _u("2E 16 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
     OpSpec(0x2F, "VERIFY(10)", sbc.verify, _u("2F 16 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_RD),
@@ -181,7 +186,8 @@ _SPECS: tuple[OpSpec, ...] = (
     OpSpec(0x41, "WRITE SAME(10)", sbc.write_same, _u("41 08 FF FF FF FF 1F FF FF 00"), OUT, pr_conflict=_WR),
     OpSpec(0x42, "UNMAP", sbc.unmap, _u("42 00 00 00 00 00 1F FF FF 00"), OUT, supported=_thin_or_read_only,
            pr_conflict=_WR),
-    OpSpec(0x88, "READ(16)", sbc.read, _u("88 1C FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD),
+    OpSpec(0x88, "READ(16)", sbc.read, _u("88 1C FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD,
+           quick=sbc.read_now),
     OpSpec(0x89, "COMPARE AND WRITE", sbc.compare_and_write,
            _u("89 18 FF FF FF FF FF FF FF FF 00 00 00 FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0x8A, "WRITE(16)", sbc.write, _u("8A 18 FF FF FF FF FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
@@ -196,7 +202,7 @@ _SPECS: tuple[OpSpec, ...] = (
            IN, service_action=0x10, scsi2_allowed=True, pr_conflict=_ANY),
     OpSpec(0x9E, "GET LBA STATUS", sbc.get_lba_status, _u("9E 1F FF FF FF FF FF FF FF FF FF FF FF FF 00 00"),
            IN, service_action=0x12, supported=_thin, pr_conflict=_RD),
-    OpSpec(0xA8, "READ(12)", sbc.read, _u("A8 1C FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD),
+    OpSpec(0xA8, "READ(12)", sbc.read, _u("A8 1C FF FF FF FF FF FF FF FF 1F 00"), IN, pr_conflict=_RD, quick=sbc.read_now),
     OpSpec(0xAA, "WRITE(12)", sbc.write, _u("AA 18 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0xAE, "WRITE AND VERIFY(12)", sbc.write_and_verify, _u("AE 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_WR),
     OpSpec(0xAF, "VERIFY(12)", sbc.verify, _u("AF 16 FF FF FF FF FF FF FF FF 1F 00"), OUT, pr_conflict=_RD),

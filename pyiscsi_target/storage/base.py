@@ -26,6 +26,12 @@ class Backend(Protocol):
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Return exactly ``length`` bytes (holes read as zeros)."""
 
+    # Optional, not part of the protocol check: ``read_now(offset, length)``,
+    # a plain method returning the bytes when it can without blocking the
+    # event loop (an image in memory, the page cache), else None, and raising
+    # what ``read`` raises.  The SCSI core asks it before awaiting ``read``,
+    # so a subclass that changes ``read`` must change or drop it as well.
+
     async def write(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write ``data``; with ``fua`` the data is on stable storage on return."""
 

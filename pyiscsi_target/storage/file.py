@@ -390,12 +390,29 @@ class FileBackend:
     # -- Backend API ----------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytearray:
+        buf = self.read_now(offset, length)
+        if buf is not None:
+            return buf
+        # Not in the page cache (or too large to read on the loop): the pool.
         fd = self._check(offset, length, False)
+        buf = bytearray(length)
+        await self._run("cannot read", self._read_sync, fd, buf, offset, 0)
+        return buf
+
+    def read_now(self, offset: int, length: int) -> bytearray | None:
+        """The bytes, read without waiting, or None when that could block the
+        event loop (a page-cache miss, a read above INLINE_READ_MAX): then
+        :meth:`read` gets them from the pool.  Images in memory are always
+        read here; others with RWF_NOWAIT, which fails instead of waiting for
+        the disk.  A plain call, not a coroutine: the SCSI core's quick lane
+        (scsi/target.py) asks it first."""
+        fd = self._check(offset, length, False)
+        if length > INLINE_READ_MAX:
+            return None
         buf = bytearray(length)
         if length == 0:
             return buf
-        done = 0
-        if self._in_memory and length <= INLINE_READ_MAX:
+        if self._in_memory:
             try:
                 # One preadv into the new buffer; _read_sync finishes a short read.
                 done = os.preadv(fd, [buf], offset)
@@ -404,22 +421,20 @@ class FileBackend:
             except OSError as e:
                 raise _storage_error(e, "cannot read", self.path) from e
             return buf
-        if self._nowait_read and length <= INLINE_READ_MAX:
-            try:
-                done = os.preadv(fd, [memoryview(buf)], offset, _RWF_NOWAIT)
-            except BlockingIOError:
-                done = 0
-            except OSError as e:
-                if e.errno in _NOT_SUPPORTED:
-                    self._nowait_read = False
-                    done = 0
-                else:
-                    raise _storage_error(e, "cannot read", self.path) from e
-            if done == length:
-                return buf
-            # Short or EAGAIN: the uncached rest (or a real EOF) goes to the pool.
-        await self._run("cannot read", self._read_sync, fd, buf, offset, done)
-        return buf
+        if not self._nowait_read:
+            return None
+        try:
+            done = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in _NOT_SUPPORTED:
+                self._nowait_read = False
+                return None
+            raise _storage_error(e, "cannot read", self.path) from e
+        # Short (part of the range not cached) or a real end of file: the pool
+        # reads it all again and reports a truncated image.
+        return buf if done == length else None
 
     def read_for_transfer(self, offset: int, length: int) -> FileRegion | None:
         """What a READ sends to the initiator, when it need not be read now: for

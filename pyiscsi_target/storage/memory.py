@@ -58,6 +58,13 @@ class MemoryBackend:
     # --- Backend ----------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytearray:
+        return self._copy_out(offset, length)
+
+    def read_now(self, offset: int, length: int) -> bytearray:
+        """:meth:`read` without a coroutine (nothing here waits)."""
+        return self._copy_out(offset, length)
+
+    def _copy_out(self, offset: int, length: int) -> bytearray:
         self._check(offset, length)
         out = bytearray(length)
         for index, start, end, pos in self._spans(offset, length):

@@ -102,6 +102,14 @@ async def test_internal_error_is_hardware_error(h, lu):
     async def boom(offset, length):
         raise RuntimeError("bug")
 
+    def boom_now(offset, length):
+        raise RuntimeError("bug")
+
+    # Both ways a READ reaches the backend: without waiting (the quick lane
+    # and the handler ask read_now first) and awaiting read.
+    lu.read_now = boom_now
+    assert_check(await h.run(cdb10(0x28, 0, 1)), Reason.INTERNAL_TARGET_FAILURE)
+    lu.read_now = None
     lu.backend.read = boom
     assert_check(await h.run(cdb10(0x28, 0, 1)), Reason.INTERNAL_TARGET_FAILURE)
 
@@ -117,6 +125,7 @@ async def test_overlapped_tag(h, lu):
         return await orig(offset, length)
 
     lu.backend.read = slow
+    lu.read_now = None          # a backend whose reads always wait (as RBD's)
     t1 = asyncio.create_task(h.run(cdb10(0x28, 0, 1), tag=99))
     await asyncio.sleep(0)
     assert_check(await h.run(tur(), tag=99), Reason.OVERLAPPED_COMMANDS_ATTEMPTED)

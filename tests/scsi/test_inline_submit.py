@@ -142,6 +142,8 @@ async def test_plain_read_completes_inline_without_task_set_entry():
 class SlowBackend(MemoryBackend):
     """Reads wait on an event: the command must be registered and abortable."""
 
+    read_now = None     # never without waiting (as RBD)
+
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.gate = asyncio.Event()
@@ -194,3 +196,47 @@ async def test_an_ordered_task_waits_for_an_inline_command_that_waits():
     for _ in range(20):
         await asyncio.sleep(0)
     assert order == ["read", "ordered tur"]
+
+
+@pytest.mark.parametrize("setup, quick", [(None, True), (_register_only, False), (_scsi2_reserve, False),
+                                          (_register_and_reserve, False)],
+                         ids=["clean", "registered", "scsi2 reserved", "pr reserved"])
+async def test_quick_lane_only_while_nothing_can_conflict(setup, quick, monkeypatch):
+    """A READ answered by the quick lane (OpSpec.quick: no Command, no
+    coroutine) never reaches _submit_inline; with a reservation or a
+    registration on the LU it does, so the reservation checks run."""
+    fast, _ = await pair(setup)
+    seen: list = []
+    real = ScsiTargetDevice._submit_inline
+
+    def spy(self, *args):
+        seen.append(args[1].name)
+        return real(self, *args)
+
+    monkeypatch.setattr(ScsiTargetDevice, "_submit_inline", spy)
+    r, inline = await submit(fast.device, fast.task(cdb16(0x88, 0, 4), nexus=NEXUS_B))
+    assert inline
+    assert seen == ([] if quick else ["READ(16)"])
+    if quick:
+        assert r.status == Status.GOOD and bytes(r.data_in) == (bytes(range(256)) * 8)[:4 * BS]
+
+
+async def test_quick_lane_falls_back_when_the_backend_would_wait():
+    """read_now answering None (a page-cache miss) sends the READ down the
+    generic inline path, which awaits backend.read."""
+    lu = make_lu()
+    calls: list = []
+    real_read = lu.backend.read
+
+    async def read(offset, length):
+        calls.append("read")
+        return await real_read(offset, length)
+
+    lu.read_now = lambda offset, length: calls.append("read_now")
+    lu.backend.read = read
+    dev = ScsiTargetDevice("iqn.2026-11.org.example:disk", {0: lu})
+    dev.add_nexus(NEXUS_A)
+    lu.unit_attentions.remove_nexus(NEXUS_A)
+    r, _ = await submit(dev, Harness(dev).task(cdb10(0x28, 0, 1)))
+    assert r.status == Status.GOOD and len(r.data_in) == BS
+    assert calls == ["read_now", "read_now", "read"]      # quick lane, handler's try, then the wait

@@ -127,6 +127,9 @@ async def test_write_long_data_out_uses_prefix(h):
 
 async def test_medium_errors():
     class Failing(MemoryBackend):
+        def read_now(self, offset, length):
+            raise StorageError(5, "EIO")
+
         async def read(self, offset, length):
             raise StorageError(5, "EIO")
 
@@ -136,6 +139,8 @@ async def test_medium_errors():
     h = await _h(backend=Failing(BLOCKS * BS))
     assert_check(await h.run(cdb10(0x28, 7, 1)), Reason.UNRECOVERED_READ_ERROR, info=7)
     assert_check(await h.run(cdb10(0x2A, 9, 1), bytes(BS)), Reason.WRITE_ERROR, info=9)
+    h.device.luns[0].read_now = None     # a backend whose reads always wait: the awaited read fails
+    assert_check(await h.run(cdb16(0x88, 11, 1)), Reason.UNRECOVERED_READ_ERROR, info=11)
 
 
 # --- READ CAPACITY -------------------------------------------------------------------

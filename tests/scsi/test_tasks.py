@@ -15,6 +15,8 @@ from .conftest import BLOCKS, BS, NEXUS_A, NEXUS_B, Harness, assert_check, asser
 class GatedBackend(MemoryBackend):
     """Reads of LBA >= 1000 wait for ``gate``; records the order reads start."""
 
+    read_now = None     # every read goes through read() (and may wait there)
+
     def __init__(self, size: int) -> None:
         super().__init__(size)
         self.gate = asyncio.Event()
