@@ -73,26 +73,35 @@ class DeviceObserver:
         self.luns: dict[int, LunStats] = {}
         self.now = now  # the event loop's clock (the one submit() stamped t0 with)
 
-    def __call__(self, task, result, t0: float) -> None:
+    def __call__(self, task, result, t0: float | None) -> None:
+        """Count one completed command.  ``t0``: the loop time it started, or
+        None when it was answered in the step that received it (latency 0,
+        the first bucket: no clock read, no bucket search)."""
         st = self.luns.get(task.lun)
         if st is None:  # a command to a LUN that does not exist: nothing to count
             return
         kind = _KIND[task.cdb[0]]
         if kind == READ:
-            dt = self.now() - t0
             st.read_ops += 1
             st.read_bytes += len(result.data_in)
-            st.read_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
-            st.read_lat_sum += dt
+            if t0 is None:
+                st.read_lat[0] += 1
+            else:
+                dt = self.now() - t0
+                st.read_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
+                st.read_lat_sum += dt
         elif kind == WRITE:
-            dt = self.now() - t0
             st.write_ops += 1
             st.write_bytes += len(task.data_out)
-            st.write_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
-            st.write_lat_sum += dt
+            if t0 is None:
+                st.write_lat[0] += 1
+            else:
+                dt = self.now() - t0
+                st.write_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
+                st.write_lat_sum += dt
         elif kind == FLUSH:
-            dt = self.now() - t0
             st.flush_ops += 1
+            dt = 0.0 if t0 is None else self.now() - t0
             st.flush_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
             st.flush_lat_sum += dt
         else:

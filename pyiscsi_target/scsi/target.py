@@ -247,7 +247,7 @@ class ScsiTargetDevice:
                         if result is not None:
                             obs = self.observer
                             if obs is not None:
-                                obs(task, result, loop.time())
+                                obs(task, result, None)     # answered at once
                             done(result)
                             return _COMPLETED
                     return self._submit_inline(lu, spec, task, done, loop)
@@ -280,8 +280,6 @@ class ScsiTargetDevice:
         brought it.  The remaining pre-dispatch checks (reservations, and any
         check added to PRE_DISPATCH later) run as usual, in their order, so
         the result is the generic path's to the byte."""
-        obs = self.observer
-        t0 = loop.time() if obs is not None else 0.0
         cmd = Command(task, lu, self, spec, None)
         # The first step of _handle, unrolled (same checks, same mapping of
         # errors): no coroutine of our own around the handler's.
@@ -297,7 +295,7 @@ class ScsiTargetDevice:
                 except StopIteration as stop:
                     result = _as_result(stop.value, cmd)
                 else:
-                    return self._inline_waits(lu, task, cmd, coro, waiting_on, done, obs, t0, loop)
+                    return self._inline_waits(lu, task, cmd, coro, waiting_on, done, loop)
         except ScsiError as err:
             result = ScsiResult(Status.CHECK_CONDITION, sense=err.sense, data_out_wanted=cmd.data_out_wanted)
         except asyncio.CancelledError:
@@ -305,17 +303,19 @@ class ScsiTargetDevice:
             return _COMPLETED
         except Exception:  # a bug, or a backend failure outside the mapped paths
             result = self._internal_failure(cmd)
+        obs = self.observer
         if obs is not None:
-            obs(task, result, t0)
+            obs(task, result, None)     # answered at once
         done(result)
         return _COMPLETED
 
-    def _inline_waits(self, lu: LogicalUnit, task: ScsiTask, cmd: Command, coro, waiting_on, done, obs,
-                      t0: float, loop):
+    def _inline_waits(self, lu: LogicalUnit, task: ScsiTask, cmd: Command, coro, waiting_on, done, loop):
         """The inline command waits (a disk read, the write gate, a flush):
         register it now, as begin() would have before it started
         (runs_at_once: the tag is free and it waits for nothing), so task
         management can abort it, and let a task finish it."""
+        obs = self.observer
+        t0 = loop.time() if obs is not None else 0.0    # the same step it started in
         entry = lu.tasks.begin(task.nexus, task.tag, task.attribute)
         runner = eager.start(self._handle(cmd, (), _Started(coro, waiting_on)), loop)
         entry.task = runner
