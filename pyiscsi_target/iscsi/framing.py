@@ -84,6 +84,10 @@ class PduReader:
             if d[1] == len(d[0]):
                 self._finish_direct()
             return
+        if not self._pos and not self._skip:
+            # feed's usual case (everything before was consumed): append.
+            self._buf += _SCRATCH_VIEW[:nbytes]
+            return
         self.feed(_SCRATCH_VIEW[:nbytes])
 
     def release(self) -> None:

@@ -117,46 +117,42 @@ def first_mismatch(a: bytes | bytearray | memoryview, b: bytes | bytearray | mem
 # --- READ / WRITE (SBC-3 §5.14-5.17, §5.31-5.35) --------------------------------
 
 
-def _read_extent(lu: LogicalUnit, cdb: bytes) -> tuple[int, int, int]:
-    """(LBA, byte offset, byte length) of a READ, after its checks."""
-    lba, blocks, len_at = lba_and_length(cdb)
-    check_transfer(lu, blocks, len_at)
-    check_range(lu, lba, blocks)
-    bs = lu.block_size
-    return lba, lba * bs, blocks * bs
-
-
 def read_now(lu: LogicalUnit, cdb: bytes) -> Reply:
     """READ without waiting: the Data-In, or None when the backend would have
     to wait for it (then :func:`read` awaits it).  The quick lane of
     ScsiTargetDevice.submit calls this directly, with no Command object and
     no coroutine; ScsiError and OSError mean what they mean in :func:`read`."""
-    lba, offset, length = _read_extent(lu, cdb)
-    if not length:  # not an error (SBC-3 §5.15)
+    lba, blocks, len_at = lba_and_length(cdb)
+    check_transfer(lu, blocks, len_at)
+    check_range(lu, lba, blocks)
+    if not blocks:  # not an error (SBC-3 §5.15)
         return b""
     # DPO and FUA ask for no cache retention / a medium read: a backend read
     # returns the current data either way, so both are satisfied.
+    bs = lu.block_size
     try:
         rft = lu.read_for_transfer
         if rft is not None:
-            region = rft(offset, length)  # zero-copy payload (payload.py), or None
+            region = rft(lba * bs, blocks * bs)  # zero-copy payload (payload.py), or None
             if region is not None:
                 return region
         now = lu.read_now
-        return now(offset, length) if now is not None else None
+        return now(lba * bs, blocks * bs) if now is not None else None
     except OSError as e:
         raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None
 
 
 async def read(cmd: Command) -> Reply:
     lu = cmd.lu               # cmd.unit without the property (the LUN check ran)
-    data = read_now(lu, cmd.task.cdb)
+    cdb = cmd.task.cdb
+    data = read_now(lu, cdb)  # the checks, and the data if it is there
     if data is not None:
         return data
-    # The backend has to wait (disk, RBD): the checks passed above.
-    lba, offset, length = _read_extent(lu, cmd.task.cdb)
+    # The backend has to wait (a disk, RBD).
+    lba, blocks, _ = lba_and_length(cdb)
+    bs = lu.block_size
     try:
-        return await lu.backend.read(offset, length)
+        return await lu.backend.read(lba * bs, blocks * bs)
     except OSError as e:
         raise medium_failure(e, Reason.UNRECOVERED_READ_ERROR, lba) from None
 
