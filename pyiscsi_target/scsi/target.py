@@ -241,7 +241,7 @@ class ScsiTargetDevice:
                         except ScsiError as err:
                             result = ScsiResult(_CHECK_CONDITION, b"", err.sense, 0)
                         except Exception:  # not ours to report: the generic path runs it again and does
-                            data = None
+                            result = None
                         else:
                             result = ScsiResult(_GOOD, data, b"", 0) if data is not None else None
                         if result is not None:

@@ -240,3 +240,30 @@ async def test_quick_lane_falls_back_when_the_backend_would_wait():
     r, _ = await submit(dev, Harness(dev).task(cdb10(0x28, 0, 1)))
     assert r.status == Status.GOOD and len(r.data_in) == BS
     assert calls == ["read_now", "read_now", "read"]      # quick lane, handler's try, then the wait
+
+
+@pytest.mark.parametrize("error, reason", [(OSError(5, "EIO"), Reason.UNRECOVERED_READ_ERROR),
+                                           (RuntimeError("bug"), Reason.INTERNAL_TARGET_FAILURE)])
+async def test_quick_lane_backend_failures(error, reason):
+    """A failing read_now: an I/O error is MEDIUM ERROR with the LBA, as on
+    the generic path; anything else is left to the generic path, which
+    reports INTERNAL TARGET FAILURE (and logs it)."""
+    results = []
+    for inline in (True, False):
+        lu = make_lu()
+
+        def fail(offset, length):
+            raise error
+
+        lu.read_now = fail
+        dev = ScsiTargetDevice("iqn.2026-11.org.example:disk", {0: lu})
+        if not inline:
+            dev._inline = {}
+        dev.add_nexus(NEXUS_A)
+        lu.unit_attentions.remove_nexus(NEXUS_A)
+        r, done_inline = await submit(dev, Harness(dev).task(cdb16(0x88, 5, 1)))
+        assert done_inline
+        results.append(key(r))
+    assert results[0] == results[1]
+    status, sense = results[0][0], results[0][1]
+    assert status == Status.CHECK_CONDITION and (sense[2] & 0x0F, sense[12], sense[13]) == reason.value
