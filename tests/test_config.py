@@ -241,7 +241,7 @@ def test_missing_file_and_not_utf8(tmp_path):
         load_config(tmp_path / "nope.toml")
     p = tmp_path / "bin.toml"
     p.write_bytes(b"[server]\nstate_dir = '\xff'\n")
-    with pytest.raises(ConfigError, match=rf"bin.toml:2: .*not UTF-8"):
+    with pytest.raises(ConfigError, match=r"bin.toml:2: .*not UTF-8"):
         load_config(p)
 
 

@@ -8,8 +8,8 @@ import asyncio
 
 from pyiscsi_target.metrics import LATENCY_BOUNDS, DeviceObserver, LunStats
 from pyiscsi_target.scsi.target import ScsiTargetDevice
-from pyiscsi_target.storage.memory import MemoryBackend
 from tests.scsi.conftest import BS, NEXUS_A, Harness, cdb10, cdb16, make_lu
+from tests.scsi.test_inline_submit import SlowBackend
 
 
 class Clock:
@@ -18,20 +18,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class SlowReads(MemoryBackend):
-    """Every read waits for ``gate`` (as a disk read would)."""
-
-    read_now = None
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.gate = asyncio.Event()
-
-    async def read(self, offset: int, length: int):
-        await self.gate.wait()
-        return await super().read(offset, length)
 
 
 def device(backend=None) -> tuple[ScsiTargetDevice, DeviceObserver, Clock]:
@@ -65,7 +51,7 @@ async def test_commands_answered_at_once_count_in_the_first_bucket():
 
 
 async def test_a_command_that_waits_counts_its_latency():
-    dev, obs, clock = device(SlowReads(8192 * BS))
+    dev, obs, clock = device(SlowBackend(8192 * BS))
     loop = asyncio.get_running_loop()
     clock.t = loop.time()
     obs.now = lambda: loop.time() + 0.003          # the read ends 3 ms after it started

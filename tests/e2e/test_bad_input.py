@@ -7,9 +7,9 @@ import os
 import subprocess
 
 from pyiscsi_target.iscsi import keys
-from pyiscsi_target.iscsi.pdu import F_FINAL, F_TRANSIT, F_WRITE, LoginRequest, NopIn, NopOut, Reject, ScsiCommand
+from pyiscsi_target.iscsi.pdu import F_FINAL, F_TRANSIT, F_WRITE, LoginRequest, NopOut, Reject, ScsiCommand
 from tests.conftest import require
-from tests.support.initiator import Initiator, LoginRefused
+from tests.support.initiator import Initiator
 from tests.support.target import DATA, QUORUM
 
 MiB = 1024 * 1024

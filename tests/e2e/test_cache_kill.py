@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.e2e.test_cache_e2e import IQN, connect, r10, sync10, w10, write_cache_config
+from tests.e2e.test_cache_e2e import connect, r10, sync10, w10, write_cache_config
 from tests.support.target import free_port, start_target
 
 SLOTS = 256  # 4 KiB slots: the first MiB of each LUN

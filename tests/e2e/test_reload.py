@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 
-import pytest
 
 from tests.conftest import require
 from tests.e2e.ops_support import capacity, cli, status, wait_for

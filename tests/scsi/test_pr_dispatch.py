@@ -10,10 +10,8 @@ import struct
 
 import pytest
 
-from pyiscsi_target.scsi import opcodes
 from pyiscsi_target.scsi.command import Nexus, Status
-from pyiscsi_target.scsi.opcodes import COMMANDS, OpSpec, ServiceActions
-from pyiscsi_target.scsi.pr import PrConflict
+from pyiscsi_target.scsi.opcodes import COMMANDS, ServiceActions
 from pyiscsi_target.scsi.sense import Reason
 from pyiscsi_target.scsi.target import ScsiTargetDevice
 

@@ -9,7 +9,7 @@ import pytest
 
 from pyiscsi_target.scsi import pr
 from pyiscsi_target.scsi.command import Nexus
-from pyiscsi_target.scsi.pr import InAction, OutAction, PrConflict, PrState, PrType, ReservationConflict
+from pyiscsi_target.scsi.pr import InAction, OutAction, PrConflict, PrType, ReservationConflict
 from pyiscsi_target.scsi.sense import Reason, ScsiError
 
 TP = "iqn.2026-11.org.example:disk,t,0x0001"

@@ -2,9 +2,7 @@
 
 import struct
 
-import pytest
 
-from pyiscsi_target.scsi.command import Status
 from pyiscsi_target.scsi.sense import Reason
 from pyiscsi_target.scsi.target import ScsiTargetDevice
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from pyiscsi_target.scsi.command import Status, TaskAttribute, TmfResponse
+from pyiscsi_target.scsi.command import TaskAttribute, TmfResponse
 from pyiscsi_target.scsi.sense import Reason
 from pyiscsi_target.scsi.target import ScsiTargetDevice
 from pyiscsi_target.storage.memory import MemoryBackend
