@@ -511,7 +511,7 @@ class IscsiConnection:
         s = self.session
         if flags & F_WRITE:
             p = s.params
-            usual = flags & (F_FINAL | F_READ) == F_FINAL and len(data) == expected and expected \
+            usual = flags & (F_FINAL | F_READ) == F_FINAL and len(data) == expected \
                 and p.immediate_data and expected <= p.first_burst_length
         else:
             usual = not data

@@ -51,6 +51,8 @@ CASES = {
     "duplicate CmdSN": [cmd(1, 1), cmd(2, 1)],
     "CmdSN outside the window": [cmd(1, 1000)],
     "ITT in use": [cmd(1, 1), cmd(1, 2)],
+    "ITT of a write waiting for Data-Out": [cmd(1, 1, F_FINAL | F_WRITE | 1, expected=8192, cdb=WRITE10, data=W4K),
+                                             cmd(1, 2)],
     "immediate data without W bit": [cmd(1, 1, data=W4K)],
     "write, part of the data immediate (R2T follows)": [cmd(1, 1, F_FINAL | F_WRITE | 1, expected=8192,
                                                            cdb=WRITE10, data=W4K)],
@@ -74,8 +76,13 @@ QUICK = {"read", "no-data command", "write, all immediate data", "several comman
          "unsupported LUN addressing"}
 
 
-def run(chunks: list[bytes], quick: bool):
-    w = logged_in()
+SMALL_FIRST_BURST = [("MaxRecvDataSegmentLength", "8192"), ("MaxBurstLength", "16384"), ("FirstBurstLength", "2048"),
+                     ("InitialR2T", "No"), ("ImmediateData", "Yes"), ("MaxOutstandingR2T", "2")]
+NO_IMMEDIATE_DATA = [("MaxRecvDataSegmentLength", "8192"), ("ImmediateData", "No"), ("InitialR2T", "Yes")]
+
+
+def run(chunks: list[bytes], quick: bool, ops=None):
+    w = logged_in(ops)
     w.conn.quick_commands = quick
     w.conn._commands_ok = quick            # as the full feature phase sets it
     general = []
@@ -95,6 +102,16 @@ def run(chunks: list[bytes], quick: bool):
     state = (win.exp_cmdsn, win.max_cmdsn, win.outstanding, sorted(win._held), sorted(w.conn.running),
              sorted(w.conn.transfers))
     return wire, tasks, state, general
+
+
+@pytest.mark.parametrize("ops", [SMALL_FIRST_BURST, NO_IMMEDIATE_DATA], ids=["FirstBurstLength 2048", "ImmediateData No"])
+def test_immediate_data_limits_of_the_session(ops):
+    """Immediate data beyond FirstBurstLength, or with ImmediateData=No: the
+    general path rejects it, the lane does not take it."""
+    chunks = [cmd(1, 1, F_FINAL | F_WRITE | 1, cdb=WRITE10, data=W4K), cmd(2, 2)]
+    quick, general = run(chunks, True, ops), run(chunks, False, ops)
+    assert quick[:3] == general[:3]
+    assert [name for name, _, _ in quick[0]] == ["Reject"] and quick[3] == [0x01]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -122,3 +139,38 @@ def test_window_accept_next_is_accept_for_the_next_command_only():
         assert not a.accept_next(first)                           # a duplicate
     w = CmdWindow(1, 1)
     assert w.accept_next(1) and not w.accept_next(2)              # MaxCmdSN reached
+
+
+# --- the same comparison on generated traffic -------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_pdu = st.builds(
+    lambda opbyte, flags, itt, cmdsn, expected, cdb0, dlen, lun: cmd(
+        itt, cmdsn, flags, expected=expected, cdb=bytes([cdb0]) + bytes(15), immediate=bool(opbyte),
+        lun=lun, data=bytes(dlen)),
+    st.sampled_from([0, 1]),
+    st.one_of(st.sampled_from([0x81, 0xC1, 0xA1, 0x21, 0xE1, 0x82, 0x83]),   # the usual ones
+              st.integers(0, 255)),                       # and every other combination
+    st.integers(0, 4),                                    # few ITTs: collisions happen
+    st.integers(0, 6),                                    # CmdSN 1.. with gaps, duplicates and 0
+    st.sampled_from([0, 512, 4096, 8192, 16384]),
+    st.sampled_from([0x28, 0x2A, 0x00, 0x88]),
+    st.sampled_from([0, 512, 4096, 8192]),                # 8192 = MaxRecvDataSegmentLength
+    st.sampled_from([0, 1 << 48, (0x4000 | 300) << 48, 0xC000 << 48]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_pdu, min_size=1, max_size=6), st.lists(st.integers(1, 9000), max_size=4))
+def test_generated_command_streams_decide_alike(pdus, cuts):
+    """Random SCSI Command PDUs (any flags, colliding ITTs, CmdSN gaps and
+    duplicates, immediate data of every size), cut into chunks at random
+    places: the quick lane and the general path answer alike."""
+    stream = b"".join(pdus)
+    points = sorted({c % len(stream) for c in cuts} - {0})
+    chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+    quick = run(chunks, True)
+    general = run(chunks, False)
+    assert quick[:3] == general[:3]
