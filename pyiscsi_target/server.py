@@ -371,7 +371,14 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         back), so a timer that fires early just re-arms: far cheaper than
         cancelling and re-creating a TimerHandle for every PDU.
         """
-        at = self.conn.get_timer() if self.conn else None
+        conn = self.conn
+        if conn is None:
+            at = None
+        elif self._timer is not None and not conn.timer_moved:
+            return      # only last_rx moved the deadline, later: the armed timer re-arms when it fires
+        else:
+            conn.timer_moved = False
+            at = conn.get_timer()
         if at is None:
             if self._timer:
                 self._timer.cancel()

@@ -135,6 +135,10 @@ class IscsiConnection:
     # compare both).
     quick_commands = True
     _commands_ok = False        # the quick lane is open: full feature phase, not discovery
+    # get_timer's answer may have moved earlier (phase, NOP-In ping sent or
+    # answered) since the glue last asked; cleared by the glue.  Only
+    # last_rx moves it otherwise, and always later.
+    timer_moved = True
 
     def __init__(self, ctx: PortalContext, local: tuple[str, int], peer: tuple[str, int], now: float = 0.0):
         self.ctx = ctx
@@ -181,6 +185,7 @@ class IscsiConnection:
     def close(self, reason: str) -> None:
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
+            self.timer_moved = True
             self._actions.append(Close(reason))
 
     def receive_data(self, data, now: float = 0.0) -> None:
@@ -214,7 +219,10 @@ class IscsiConnection:
                 if cmd is not None:
                     if cmd is NEED_MORE:
                         return
-                    self._scsi_command_quick(*cmd)
+                    raw, data, rest = cmd
+                    self._scsi_command_quick(raw, data)
+                    if not rest:            # the usual end of a chunk: no call to find nothing
+                        return
                     continue
             try:
                 rec = next_pdu()
@@ -304,6 +312,7 @@ class IscsiConnection:
         self.cid = result.cid
         self.statsn = self.login.statsn
         self.phase = Phase.FULL_FEATURE
+        self.timer_moved = True
         # Digests and segment limits apply from the first full-feature PDU on (§6.3).
         self.header_digest = self.reader.header_digest = bool(p.header_digest)
         self.data_digest = self.reader.data_digest = bool(p.data_digest)
@@ -394,6 +403,7 @@ class IscsiConnection:
             # An answer to our ping (or a ping that wants no answer).
             if pdu.ttt != ALL_ONES and pdu.ttt == self.nop_ttt:
                 self.nop_ttt = None
+                self.timer_moved = True
             return
         exp, mx = self._window()
         data = rec.data[:self.max_send_data]
@@ -854,6 +864,7 @@ class IscsiConnection:
             # §11.19: a NOP-In with a TTT asks the initiator to answer with a NOP-Out.
             self.nop_ttt = self._new_ttt()
             self.nop_deadline = now + self.ctx.nop_timeout
+            self.timer_moved = True
             exp, mx = self._window()
             self._send(NopIn(itt=ALL_ONES, ttt=self.nop_ttt, statsn=self.statsn, expcmdsn=exp, maxcmdsn=mx))
 

@@ -163,14 +163,15 @@ class PduReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def next_command(self) -> tuple[bytes, bytes] | None:
+    def next_command(self) -> tuple[bytes, bytes, int] | None:
         """The next PDU, taken here when it is the usual SCSI Command: whole,
         no AHS, no digests, data (immediate data) within our limit.  Returns
-        (its 48-byte BHS, its data segment) and consumes it; None consumes
-        nothing (:meth:`next_pdu` takes whatever it is); :data:`NEED_MORE`:
-        no whole PDU of any kind is here (next_pdu would say None too).  One
-        call and two copies instead of next_pdu's parsing into a Received:
-        the fabric's quick lane for commands (IscsiConnection._process)."""
+        (its 48-byte BHS, its data segment, how many bytes are still
+        buffered) and consumes it; None consumes nothing (:meth:`next_pdu`
+        takes whatever it is); :data:`NEED_MORE`: no whole PDU of any kind is
+        here (next_pdu would say None too).  One call and two copies instead
+        of next_pdu's parsing into a Received: the fabric's quick lane for
+        commands (IscsiConnection._process)."""
         if self._pending is not None or self._direct is not None or self.header_digest or self.data_digest:
             return None
         buf, pos = self._buf, self._pos
@@ -186,11 +187,12 @@ class PduReader:
         raw = bytes(buf[pos:pos + BHS_LEN])
         data = bytes(memoryview(buf)[pos + BHS_LEN:pos + BHS_LEN + dlen]) if dlen else b""
         pos += total
-        if pos == len(buf):
+        rest = len(buf) - pos
+        if not rest:
             buf.clear()
             pos = 0
         self._pos = pos
-        return raw, data
+        return raw, data, rest
 
     def next_pdu(self) -> Received | None:
         """One whole PDU, or None when more bytes are needed.

@@ -144,6 +144,28 @@ def test_nop_in_ping_and_timeout():
     assert any(isinstance(a, Close) for a in w.actions)
 
 
+def test_timer_moved_says_when_the_deadline_may_have_moved_earlier():
+    """The glue re-asks get_timer only when timer_moved is set (else only
+    last_rx moved the deadline, later, and its armed timer re-arms when it
+    fires): so every change that can bring the deadline earlier must set it,
+    and ordinary PDUs need not."""
+    w = logged_in(nop_interval=10.0, nop_timeout=5.0)
+    assert w.conn.timer_moved                              # the login set it
+    w.conn.timer_moved = False
+    w.send(ScsiCommand(flags=F_FINAL | F_READ | 1, itt=1, expected_length=512, cmdsn=1,
+                       cdb=READ10.ljust(16, b"\0")), now=3.0)
+    assert not w.conn.timer_moved and w.conn.get_timer() == 13.0   # later: no need to re-ask
+    w.conn.handle_timer(13.0)                              # a ping: its deadline is earlier
+    (ping, _), = w.drain()
+    assert w.conn.timer_moved and w.conn.get_timer() == 18.0
+    w.conn.timer_moved = False
+    w.send(NopOut(itt=ALL_ONES, ttt=ping.ttt, cmdsn=2), now=14.0)   # answered: back to the interval
+    assert w.conn.timer_moved and w.conn.get_timer() == 24.0
+    w.conn.timer_moved = False
+    w.conn.close("test")
+    assert w.conn.timer_moved and w.conn.get_timer() is None
+
+
 def test_send_targets_in_normal_session_reports_own_target_with_connected_address():
     w = logged_in()
     (rsp, data), = w.send(TextRequest(itt=5, cmdsn=1), keys.encode_text([("SendTargets", "All")]))
