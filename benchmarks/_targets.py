@@ -42,8 +42,14 @@ def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its threads, from /proc."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and its threads, from /proc: seconds in
+    user space (for us: Python) and in the kernel (system calls, TCP)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_bytes(pid: int) -> int:
