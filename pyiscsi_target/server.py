@@ -112,6 +112,13 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         self.conn = IscsiConnection(self.server.ctx, local, peer, self.loop.time())
         self.conn.protocol = self
+        # Every read from the socket asks get_buffer first: let the loop call
+        # the reader's own (one Python call less per read).  uvloop takes the
+        # protocol's methods once, when the transport gets its protocol, so
+        # hand the protocol over again (Transport.set_protocol) to have it
+        # take this one; asyncio's own loops look the method up on each read.
+        self.get_buffer = self.conn.reader.get_buffer
+        transport.set_protocol(self)
         # For sendfile of zero-copy Data-In payloads (payload.py), where the
         # platform has it; the transport still owns the socket.
         sock = transport.get_extra_info("socket")
