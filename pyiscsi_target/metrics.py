@@ -81,29 +81,26 @@ class DeviceObserver:
         if st is None:  # a command to a LUN that does not exist: nothing to count
             return
         kind = _KIND[task.cdb[0]]
-        if kind == READ:
-            st.read_ops += 1
-            st.read_bytes += len(result.data_in)
+        if READ <= kind <= FLUSH:      # the timed kinds
             if t0 is None:
-                st.read_lat[0] += 1
+                dt, bucket = 0.0, 0
             else:
                 dt = self.now() - t0
-                st.read_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
+                bucket = bisect_left(LATENCY_BOUNDS, dt)
+            if kind == READ:
+                st.read_ops += 1
+                st.read_bytes += len(result.data_in)
+                st.read_lat[bucket] += 1
                 st.read_lat_sum += dt
-        elif kind == WRITE:
-            st.write_ops += 1
-            st.write_bytes += len(task.data_out)
-            if t0 is None:
-                st.write_lat[0] += 1
-            else:
-                dt = self.now() - t0
-                st.write_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
+            elif kind == WRITE:
+                st.write_ops += 1
+                st.write_bytes += len(task.data_out)
+                st.write_lat[bucket] += 1
                 st.write_lat_sum += dt
-        elif kind == FLUSH:
-            st.flush_ops += 1
-            dt = 0.0 if t0 is None else self.now() - t0
-            st.flush_lat[bisect_left(LATENCY_BOUNDS, dt)] += 1
-            st.flush_lat_sum += dt
+            else:
+                st.flush_ops += 1
+                st.flush_lat[bucket] += 1
+                st.flush_lat_sum += dt
         else:
             st.other_ops += 1
             if kind == PR_OUT and result.status == 0:

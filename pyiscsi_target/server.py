@@ -128,7 +128,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._arm_timer()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # conn.get_buffer's body: called for every read from the socket.
+        # The BufferedProtocol method; connection_made replaces it on the
+        # instance with the reader's own, which this only forwards to.
         return self.conn.reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:

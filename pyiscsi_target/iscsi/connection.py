@@ -23,7 +23,7 @@ from ..scsi.command import ScsiResult, ScsiTask, Status, TaskAttribute
 from . import keys as _keys
 from .cmdsn import sn_add, sn_le
 from .discovery import send_targets
-from .framing import NEED_MORE, HeaderDigestError, PduReader, Received, encode_pdu
+from .framing import HeaderDigestError, PduReader, Received, encode_pdu
 from .login import Login, LoginFailure, LoginStatus, peer_description
 from .pdu import (
     ALL_ONES, IMMEDIATE, AhsType, decode_ahs, F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS,
@@ -217,8 +217,6 @@ class IscsiConnection:
             elif self._commands_ok:
                 cmd = next_command()
                 if cmd is not None:
-                    if cmd is NEED_MORE:
-                        return
                     raw, data, rest = cmd
                     self._scsi_command_quick(raw, data)
                     if not rest:            # the usual end of a chunk: no call to find nothing
@@ -527,11 +525,9 @@ class IscsiConnection:
             usual = not data
         if usual and not pdu.opbyte & IMMEDIATE and itt not in self.running and itt not in self.transfers \
                 and s.window.accept_next(pdu.cmdsn):
-            first = pdu.lun >> 48      # lun_to_int, spelled out: peripheral or flat addressing
-            lun = first & 0x3FFF if first >> 14 < 2 else 0xFFFF_FFFF
             self.running[itt] = (pdu, 0)
             self._actions.append(Execute(itt, s.target.device, ScsiTask(
-                s.nexus, lun, pdu.cdb, itt, _ATTR.get(flags & 0x07, _SIMPLE), data, expected)))
+                s.nexus, lun_to_int(pdu.lun), pdu.cdb, itt, _ATTR.get(flags & 0x07, _SIMPLE), data, expected)))
             return
         self._ffp_pdu(Received(pdu, raw, b"", data))
 

@@ -25,8 +25,6 @@ COMPACT_ABOVE = 256 * 1024
 _SCRATCH = bytearray(SCRATCH_SIZE)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
-#: PduReader.next_command: fewer bytes than a BHS are buffered.
-NEED_MORE = ()
 
 
 class HeaderDigestError(PduFormatError):
@@ -168,17 +166,14 @@ class PduReader:
         no AHS, no digests, data (immediate data) within our limit.  Returns
         (its 48-byte BHS, its data segment, how many bytes are still
         buffered) and consumes it; None consumes nothing (:meth:`next_pdu`
-        takes whatever it is); :data:`NEED_MORE`: no whole PDU of any kind is
-        here (next_pdu would say None too).  One call and two copies instead
-        of next_pdu's parsing into a Received: the fabric's quick lane for
-        commands (IscsiConnection._process)."""
+        takes whatever it is, or says more bytes are needed).  One call and
+        two copies instead of next_pdu's parsing into a Received: the
+        fabric's quick lane for commands (IscsiConnection._process)."""
         if self._pending is not None or self._direct is not None or self.header_digest or self.data_digest:
             return None
         buf, pos = self._buf, self._pos
         avail = len(buf) - pos
-        if avail < BHS_LEN:
-            return NEED_MORE
-        if buf[pos] & 0x3F != 0x01 or buf[pos + 4]:    # not a SCSI Command, or TotalAHSLength > 0
+        if avail < BHS_LEN or buf[pos] & 0x3F != 0x01 or buf[pos + 4]:   # not a whole BHS of a SCSI Command without AHS
             return None
         dlen = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
         total = BHS_LEN + dlen + (-dlen % 4)
